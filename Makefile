@@ -1,0 +1,23 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+# Both install what is missing first (launch/install.sh; a second run does nothing).
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install train test lint bench clean
+
+install:
+	@bash launch/install.sh
+
+train: install
+	$(PYTHON) -m trainer.losses_demo
+
+test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest tests
+
+bench: install
+	$(PYTHON) -m bench.losses
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,51 @@
+"""Triplet losses for metric learning on TensorFlow 2 / Keras 3, with no distributed code.
+
+Functions return a float32 scalar; the Keras classes wrap them for `model.compile`.
+The `*_terms` functions are the query/key form used for cross-replica mining.
+"""
+
+from losses.distances import (
+    ALIASES,
+    DISTANCES,
+    canonical_distance,
+    paired_distances,
+    pairwise_distances,
+)
+from losses.keras_losses import (
+    TripletBatchAllLoss,
+    TripletHardLoss,
+    TripletLoss,
+    TripletSemiHardLoss,
+)
+from losses.triplet import (
+    TripletTerms,
+    batch_all_terms,
+    hard_terms,
+    normalized,
+    semihard_terms,
+    triplet_batch_all_loss,
+    triplet_hard_loss,
+    triplet_loss,
+    triplet_semihard_loss,
+)
+
+__all__ = [
+    "ALIASES",
+    "DISTANCES",
+    "TripletBatchAllLoss",
+    "TripletHardLoss",
+    "TripletLoss",
+    "TripletSemiHardLoss",
+    "TripletTerms",
+    "batch_all_terms",
+    "canonical_distance",
+    "hard_terms",
+    "normalized",
+    "paired_distances",
+    "pairwise_distances",
+    "semihard_terms",
+    "triplet_batch_all_loss",
+    "triplet_hard_loss",
+    "triplet_loss",
+    "triplet_semihard_loss",
+]

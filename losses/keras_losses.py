@@ -1,0 +1,121 @@
+"""Keras 3 `Loss` classes wrapping the triplet functions; serializable, usable in compile.
+
+Labels are passed through as integers: Keras' default `Loss.__call__` would cast them
+to the embeddings' float dtype. Each loss is a scalar for the whole batch, so per-example
+`sample_weight` has no meaning and is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from losses import triplet
+from losses.distances import canonical_distance
+
+PACKAGE = "metric_trainer"
+
+
+class _BatchTripletLoss(keras.losses.Loss):
+    """Common plumbing: distance aliases, integer labels, config round trip."""
+
+    def __init__(self, margin=1.0, distance="euclidean", name=None, distance_metric=None, **kwargs):
+        # `distance_metric` is TensorFlow Addons' keyword, accepted for drop-in migration.
+        if distance_metric is not None:
+            distance = distance_metric
+        self.margin = float(margin)
+        self.distance = canonical_distance(distance)
+        super().__init__(name=name, **kwargs)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            raise ValueError(
+                f"{type(self).__name__} is a whole-batch loss and does not take `sample_weight`."
+            )
+        with tf.name_scope(self.name or type(self).__name__):
+            return self.call(y_true, y_pred)
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin, "distance": self.distance}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TripletSemiHardLoss(_BatchTripletLoss):
+    """Semi-hard triplet loss over the batch (Addons' `TripletSemiHardLoss`)."""
+
+    def call(self, y_true, y_pred):
+        return triplet.triplet_semihard_loss(y_true, y_pred, self.margin, self.distance)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TripletHardLoss(_BatchTripletLoss):
+    """Batch-hard triplet loss (Addons' `TripletHardLoss`); `soft` uses a softplus."""
+
+    def __init__(self, margin=1.0, soft=False, distance="euclidean", name=None, **kwargs):
+        self.soft = bool(soft)
+        super().__init__(margin=margin, distance=distance, name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return triplet.triplet_hard_loss(y_true, y_pred, self.margin, self.soft, self.distance)
+
+    def get_config(self):
+        return {**super().get_config(), "soft": self.soft}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TripletBatchAllLoss(_BatchTripletLoss):
+    """Batch-all triplet loss; `reduction` here is "nonzero" or "all" (see triplet.py)."""
+
+    def __init__(self, margin=1.0, distance="euclidean", reduction="nonzero", name=None, **kwargs):
+        if reduction not in triplet.BATCH_ALL_REDUCTIONS:
+            raise ValueError(
+                f"Unknown reduction {reduction!r}; valid values are {triplet.BATCH_ALL_REDUCTIONS}."
+            )
+        self.triplet_reduction = reduction
+        super().__init__(margin=margin, distance=distance, name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return triplet.triplet_batch_all_loss(
+            y_true, y_pred, self.margin, self.distance, self.triplet_reduction
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "reduction": self.triplet_reduction}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TripletLoss(keras.losses.Loss):
+    """Explicit triplets: y_pred is (anchor, positive, negative); y_true is ignored."""
+
+    def __init__(self, margin=1.0, distance="euclidean", negative_mining="semihard", name=None, **kwargs):
+        self.margin = float(margin)
+        self.distance = canonical_distance(distance)
+        if negative_mining not in triplet.NEGATIVE_MINING:
+            raise ValueError(
+                f"Unknown negative_mining {negative_mining!r}; "
+                f"valid values are {triplet.NEGATIVE_MINING}."
+            )
+        self.negative_mining = negative_mining
+        super().__init__(name=name, **kwargs)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            raise ValueError("TripletLoss is a whole-batch loss and does not take `sample_weight`.")
+        with tf.name_scope(self.name or "TripletLoss"):
+            return self.call(y_true, y_pred)
+
+    def call(self, y_true, y_pred):
+        if not isinstance(y_pred, (tuple, list)) or len(y_pred) != 3:
+            raise ValueError("TripletLoss expects y_pred = (anchor, positive, negative).")
+        anchor, positive, negative = y_pred
+        return triplet.triplet_loss(
+            anchor, positive, negative, self.margin, self.distance, self.negative_mining
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "distance": self.distance,
+            "negative_mining": self.negative_mining,
+        }

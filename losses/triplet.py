@@ -1,0 +1,244 @@
+"""Triplet losses: explicit triplets, semi-hard, batch-hard and batch-all mining.
+
+Each mined loss has two forms:
+- `*_terms(anchors, anchor_labels, anchor_positions, keys, key_labels, ...)`, the
+  query/key form: mines the given anchors against a set of keys and returns a
+  `TripletTerms` (loss sum and the count that normalizes it). Sums and counts add up
+  across disjoint sets of anchors, which is what makes cross-replica mining exact:
+  each replica mines its own anchors against the gathered keys, and the global loss
+  is sum(loss_sum) / sum(count).
+- `triplet_*_loss(labels, embeddings, ...)`, one batch mined against itself.
+
+Semantics of `triplet_semihard_loss` and `triplet_hard_loss` follow TensorFlow Addons
+0.23 (`tfa.losses`), including its fallbacks; see README "Migrating from Addons".
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from losses import mining
+from losses.distances import (
+    as_float32_embeddings,
+    canonical_distance,
+    paired_distances,
+    pairwise_distances,
+)
+
+
+class TripletTerms(NamedTuple):
+    """What one set of anchors contributes to a mined triplet loss.
+
+    loss = loss_sum / count, summed over every set of anchors first.
+    """
+
+    loss_sum: tf.Tensor  # scalar float32: sum of the per-term losses
+    count: tf.Tensor  # scalar float32: the normalizer (pairs, anchors or triplets)
+    num_active: tf.Tensor  # scalar float32: terms whose loss is > 0
+    num_terms: tf.Tensor  # scalar float32: all terms (positive pairs, anchors or triplets)
+
+
+def normalized(terms: TripletTerms) -> tf.Tensor:
+    """loss_sum / count, 0 (not NaN) when there is nothing to normalize by."""
+    return tf.math.divide_no_nan(terms.loss_sum, terms.count)
+
+
+def _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distance):
+    """Validates inputs; returns (distances, masks) of the anchors against the keys."""
+    anchors = as_float32_embeddings(anchors, "embeddings")
+    keys = as_float32_embeddings(keys, "keys")
+    anchor_labels = mining.check_labels(anchor_labels, "labels")
+    key_labels = mining.check_labels(key_labels, "key_labels")
+    _check_batch(anchor_labels, anchors, "labels", "embeddings")
+    _check_batch(key_labels, keys, "key_labels", "keys")
+    key_labels = tf.cast(key_labels, anchor_labels.dtype)
+    distances = pairwise_distances(anchors, keys, distance)
+    masks = mining.label_masks(anchor_labels, anchor_positions, key_labels)
+    return distances, masks
+
+
+def _check_batch(labels, embeddings, labels_name, embeddings_name):
+    static_l, static_e = labels.shape[0], embeddings.shape[0]
+    if static_l is not None and static_e is not None and static_l != static_e:
+        raise ValueError(
+            f"`{labels_name}` has {static_l} entries but `{embeddings_name}` has "
+            f"{static_e} rows; they must match."
+        )
+    tf.debugging.assert_equal(
+        tf.shape(labels)[0],
+        tf.shape(embeddings)[0],
+        message=f"`{labels_name}` and `{embeddings_name}` have different batch sizes",
+    )
+
+
+def _count(mask) -> tf.Tensor:
+    return tf.reduce_sum(tf.cast(mask, tf.float32))
+
+
+def semihard_terms(
+    anchors, anchor_labels, anchor_positions, keys, key_labels, margin=1.0, distance="euclidean"
+) -> TripletTerms:
+    """Semi-hard mining, normalized by the number of positive pairs.
+
+    Per (anchor, positive): the closest negative strictly farther than the positive,
+    else the farthest negative (else distance 0 when the anchor has no negative, as in
+    Addons); loss max(margin + d(a, p) - d(a, n), 0).
+    """
+    distances, masks = _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distance)
+    slots = mining.positive_slots(distances, masks.positive)
+    positive_d = mining.gather_rows(distances, slots.index)
+    semihard, found = mining.semihard_negatives(distances, masks.negative, positive_d)
+    farthest, has_negative = mining.farthest_negative(distances, masks.negative)
+    fallback_d = tf.where(has_negative, mining.gather_rows(distances, farthest[:, None])[:, 0], 0.0)
+    negative_d = tf.where(found, mining.gather_rows(distances, semihard), fallback_d[:, None])
+    losses = tf.where(slots.valid, tf.maximum(margin + positive_d - negative_d, 0.0), 0.0)
+    num_pairs = _count(slots.valid)
+    return TripletTerms(tf.reduce_sum(losses), num_pairs, _count(losses > 0.0), num_pairs)
+
+
+def hard_terms(
+    anchors,
+    anchor_labels,
+    anchor_positions,
+    keys,
+    key_labels,
+    margin=1.0,
+    soft=False,
+    distance="euclidean",
+) -> TripletTerms:
+    """Batch-hard mining, normalized by the number of anchors.
+
+    Per anchor: farthest positive (distance 0 if none) against closest negative (the
+    farthest key if none, as in Addons); hinge max(d_p - d_n + margin, 0), or with
+    `soft` the softplus log(1 + exp(d_p - d_n)), computed stably (no margin, as Addons).
+    """
+    distances, masks = _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distance)
+    positive, has_positive = mining.hardest_positive(distances, masks.positive)
+    negative, has_negative = mining.hardest_negative(distances, masks.negative)
+    negative = tf.where(has_negative, negative, mining.farthest_key(distances))
+    chosen = mining.gather_rows(distances, tf.stack([positive, negative], axis=1))
+    positive_d = tf.where(has_positive, chosen[:, 0], 0.0)
+    gap = positive_d - chosen[:, 1]
+    losses = tf.math.softplus(gap) if soft else tf.maximum(gap + margin, 0.0)
+    num_anchors = tf.cast(tf.shape(distances)[0], tf.float32)
+    return TripletTerms(tf.reduce_sum(losses), num_anchors, _count(losses > 0.0), num_anchors)
+
+
+BATCH_ALL_REDUCTIONS = ("nonzero", "all")
+
+
+def batch_all_terms(
+    anchors,
+    anchor_labels,
+    anchor_positions,
+    keys,
+    key_labels,
+    margin=1.0,
+    distance="euclidean",
+    reduction="nonzero",
+) -> TripletTerms:
+    """Every valid (anchor, positive, negative): max(d(a,p) - d(a,n) + margin, 0).
+
+    `reduction="nonzero"` normalizes by the triplets with a positive loss, `"all"` by
+    every valid triplet. Works in O(anchors x keys) memory whatever the number of
+    positives: each anchor's negatives are sorted once, and for each positive the
+    negatives closer than d(a,p) + margin are summed with a prefix sum.
+    """
+    if reduction not in BATCH_ALL_REDUCTIONS:
+        raise ValueError(f"Unknown reduction {reduction!r}; valid values are {BATCH_ALL_REDUCTIONS}.")
+    distances, masks = _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distance)
+    slots = mining.positive_slots(distances, masks.positive)
+    thresholds = mining.gather_rows(distances, slots.index) + margin
+    negative_d = tf.where(masks.negative, tf.stop_gradient(distances), float("inf"))
+    order = tf.argsort(negative_d, axis=1, stable=True)
+    sorted_negative_d = mining.gather_rows(negative_d, order)
+    # Prefix sums of the sorted negative distances, with gradient, 0 past the negatives.
+    is_negative = sorted_negative_d < float("inf")
+    sorted_d = tf.where(is_negative, mining.gather_rows(distances, order), 0.0)
+    prefix = tf.concat([tf.zeros_like(sorted_d[:, :1]), tf.cumsum(sorted_d, axis=1)], axis=1)
+    closer = tf.searchsorted(sorted_negative_d, tf.stop_gradient(thresholds), side="left")
+    losses = tf.cast(closer, tf.float32) * thresholds - mining.gather_rows(prefix, closer)
+    losses = tf.where(slots.valid, tf.maximum(losses, 0.0), 0.0)
+    num_active = _count(tf.where(slots.valid, closer, 0))
+    num_negatives = tf.reduce_sum(tf.cast(is_negative, tf.float32), axis=1, keepdims=True)
+    num_triplets = tf.reduce_sum(tf.where(slots.valid, num_negatives, 0.0))
+    count = num_active if reduction == "nonzero" else num_triplets
+    return TripletTerms(tf.reduce_sum(losses), count, num_active, num_triplets)
+
+
+def _whole_batch(labels, embeddings):
+    """The single-device case: the batch is both the anchors and the keys."""
+    labels = mining.check_labels(labels, "labels")
+    embeddings = as_float32_embeddings(embeddings, "embeddings")
+    _check_batch(labels, embeddings, "labels", "embeddings")
+    positions = tf.range(tf.shape(labels)[0])
+    return embeddings, labels, positions, embeddings, labels
+
+
+def triplet_semihard_loss(labels, embeddings, margin=1.0, distance="euclidean"):
+    """Semi-hard triplet loss of one batch (TensorFlow Addons' `triplet_semihard_loss`)."""
+    return normalized(semihard_terms(*_whole_batch(labels, embeddings), margin=margin, distance=distance))
+
+
+def triplet_hard_loss(labels, embeddings, margin=1.0, soft=False, distance="euclidean"):
+    """Batch-hard triplet loss of one batch (TensorFlow Addons' `triplet_hard_loss`)."""
+    return normalized(
+        hard_terms(*_whole_batch(labels, embeddings), margin=margin, soft=soft, distance=distance)
+    )
+
+
+def triplet_batch_all_loss(labels, embeddings, margin=1.0, distance="euclidean", reduction="nonzero"):
+    """Batch-all triplet loss of one batch: mean over non-zero (or all) valid triplets."""
+    return normalized(
+        batch_all_terms(
+            *_whole_batch(labels, embeddings), margin=margin, distance=distance, reduction=reduction
+        )
+    )
+
+
+NEGATIVE_MINING = ("semihard", "hardest")
+
+
+def triplet_loss(
+    anchor, positive, negative, margin=1.0, distance="euclidean", negative_mining="semihard"
+):
+    """Mean of max(d(a, p) - d(a, n) + margin, 0) over explicit triplets.
+
+    `anchor` and `positive` are (B, D). `negative` is (B, D), or (B, M, D) with M
+    candidate negatives per anchor, of which `negative_mining="semihard"` uses the closest one
+    strictly farther than the positive (else the farthest), `"hardest"` the closest.
+    """
+    canonical_distance(distance)
+    if negative_mining not in NEGATIVE_MINING:
+        raise ValueError(
+            f"Unknown negative_mining {negative_mining!r}; valid values are {NEGATIVE_MINING}."
+        )
+    anchor = as_float32_embeddings(anchor, "anchor")
+    positive = as_float32_embeddings(positive, "positive")
+    negative = tf.cast(tf.convert_to_tensor(negative), tf.float32)
+    if negative.shape.rank not in (2, 3):
+        raise ValueError(f"`negative` must be (B, D) or (B, M, D), got shape {negative.shape}.")
+    if not (anchor.shape.is_compatible_with(positive.shape)):
+        raise ValueError(f"`anchor` {anchor.shape} and `positive` {positive.shape} shapes differ.")
+    positive_d = paired_distances(anchor, positive, distance)
+    if negative.shape.rank == 2:
+        negative_d = paired_distances(anchor, negative, distance)
+    else:
+        candidates = paired_distances(anchor[:, tf.newaxis, :], negative, distance)
+        negative_d = _choose_negative(candidates, positive_d, negative_mining)
+    return tf.reduce_mean(tf.maximum(positive_d - negative_d + margin, 0.0))
+
+
+def _choose_negative(candidates, positive_d, mining_mode):
+    """Of (B, M) candidate distances, the semi-hard or the hardest one per anchor."""
+    fixed = tf.stop_gradient(candidates)
+    if mining_mode == "hardest":
+        index = tf.argmin(fixed, axis=1, output_type=tf.int32)
+    else:
+        farther = fixed > tf.stop_gradient(positive_d)[:, tf.newaxis]
+        semihard = tf.argmin(tf.where(farther, fixed, float("inf")), axis=1, output_type=tf.int32)
+        farthest = tf.argmax(fixed, axis=1, output_type=tf.int32)
+        index = tf.where(tf.reduce_any(farther, axis=1), semihard, farthest)
+    return mining.gather_rows(candidates, index[:, tf.newaxis])[:, 0]

@@ -36,9 +36,7 @@ def as_float32_embeddings(embeddings, name: str = "embeddings") -> tf.Tensor:
     if not embeddings.dtype.is_floating:
         raise TypeError(f"`{name}` must be floating point, got dtype {embeddings.dtype.name}.")
     if embeddings.shape.rank is not None and embeddings.shape.rank != 2:
-        raise ValueError(
-            f"`{name}` must be 2-D (batch, dim), got shape {embeddings.shape}."
-        )
+        raise ValueError(f"`{name}` must be 2-D (batch, dim), got shape {embeddings.shape}.")
     return tf.cast(embeddings, tf.float32)
 
 

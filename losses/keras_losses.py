@@ -87,7 +87,9 @@ class TripletBatchAllLoss(_BatchTripletLoss):
 class TripletLoss(keras.losses.Loss):
     """Explicit triplets: y_pred is (anchor, positive, negative); y_true is ignored."""
 
-    def __init__(self, margin=1.0, distance="euclidean", negative_mining="semihard", name=None, **kwargs):
+    def __init__(
+        self, margin=1.0, distance="euclidean", negative_mining="semihard", name=None, **kwargs
+    ):
         self.margin = float(margin)
         self.distance = canonical_distance(distance)
         if negative_mining not in triplet.NEGATIVE_MINING:

@@ -45,9 +45,7 @@ def check_labels(labels, name: str = "labels") -> tf.Tensor:
     """Returns labels as a 1-D int tensor; (B, 1) is accepted (Addons did) and squeezed."""
     labels = tf.convert_to_tensor(labels)
     if not labels.dtype.is_integer:
-        raise TypeError(
-            f"`{name}` must be integer class ids, got dtype {labels.dtype.name}."
-        )
+        raise TypeError(f"`{name}` must be integer class ids, got dtype {labels.dtype.name}.")
     rank = labels.shape.rank
     if rank == 2 and labels.shape[1] == 1:
         labels = tf.squeeze(labels, axis=1)
@@ -60,12 +58,8 @@ def label_masks(anchor_labels, anchor_positions, key_labels) -> LabelMasks:
     """Positive (same label, not itself) and negative (other label) masks."""
     same = tf.equal(anchor_labels[:, tf.newaxis], key_labels[tf.newaxis, :])
     num_anchors = tf.shape(anchor_labels)[0]
-    self_entries = tf.stack(
-        [tf.range(num_anchors), tf.cast(anchor_positions, tf.int32)], axis=1
-    )
-    positive = tf.tensor_scatter_nd_update(
-        same, self_entries, tf.zeros([num_anchors], tf.bool)
-    )
+    self_entries = tf.stack([tf.range(num_anchors), tf.cast(anchor_positions, tf.int32)], axis=1)
+    positive = tf.tensor_scatter_nd_update(same, self_entries, tf.zeros([num_anchors], tf.bool))
     return LabelMasks(positive=positive, negative=tf.logical_not(same))
 
 
@@ -131,7 +125,9 @@ def semihard_negatives(distances, negative, positive_distances):
         lambda: _semihard_by_passes(negative_distances, positive_distances),
         lambda: _semihard_by_sorting(negative_distances, positive_distances),
     )
-    found = gather_rows(negative_distances, index) < _INF
+    chosen = gather_rows(negative_distances, index)
+    # A row with no such negative yields an arbitrary index: recheck the definition.
+    found = (chosen > positive_distances) & (chosen < _INF)
     return index, found
 
 

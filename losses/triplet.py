@@ -86,7 +86,9 @@ def semihard_terms(
     else the farthest negative (else distance 0 when the anchor has no negative, as in
     Addons); loss max(margin + d(a, p) - d(a, n), 0).
     """
-    distances, masks = _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distance)
+    distances, masks = _prepare(
+        anchors, anchor_labels, anchor_positions, keys, key_labels, distance
+    )
     slots = mining.positive_slots(distances, masks.positive)
     positive_d = mining.gather_rows(distances, slots.index)
     semihard, found = mining.semihard_negatives(distances, masks.negative, positive_d)
@@ -114,7 +116,9 @@ def hard_terms(
     farthest key if none, as in Addons); hinge max(d_p - d_n + margin, 0), or with
     `soft` the softplus log(1 + exp(d_p - d_n)), computed stably (no margin, as Addons).
     """
-    distances, masks = _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distance)
+    distances, masks = _prepare(
+        anchors, anchor_labels, anchor_positions, keys, key_labels, distance
+    )
     positive, has_positive = mining.hardest_positive(distances, masks.positive)
     negative, has_negative = mining.hardest_negative(distances, masks.negative)
     negative = tf.where(has_negative, negative, mining.farthest_key(distances))
@@ -147,8 +151,12 @@ def batch_all_terms(
     negatives closer than d(a,p) + margin are summed with a prefix sum.
     """
     if reduction not in BATCH_ALL_REDUCTIONS:
-        raise ValueError(f"Unknown reduction {reduction!r}; valid values are {BATCH_ALL_REDUCTIONS}.")
-    distances, masks = _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distance)
+        raise ValueError(
+            f"Unknown reduction {reduction!r}; valid values are {BATCH_ALL_REDUCTIONS}."
+        )
+    distances, masks = _prepare(
+        anchors, anchor_labels, anchor_positions, keys, key_labels, distance
+    )
     slots = mining.positive_slots(distances, masks.positive)
     thresholds = mining.gather_rows(distances, slots.index) + margin
     negative_d = tf.where(masks.negative, tf.stop_gradient(distances), float("inf"))
@@ -179,7 +187,9 @@ def _whole_batch(labels, embeddings):
 
 def triplet_semihard_loss(labels, embeddings, margin=1.0, distance="euclidean"):
     """Semi-hard triplet loss of one batch (TensorFlow Addons' `triplet_semihard_loss`)."""
-    return normalized(semihard_terms(*_whole_batch(labels, embeddings), margin=margin, distance=distance))
+    return normalized(
+        semihard_terms(*_whole_batch(labels, embeddings), margin=margin, distance=distance)
+    )
 
 
 def triplet_hard_loss(labels, embeddings, margin=1.0, soft=False, distance="euclidean"):
@@ -189,7 +199,9 @@ def triplet_hard_loss(labels, embeddings, margin=1.0, soft=False, distance="eucl
     )
 
 
-def triplet_batch_all_loss(labels, embeddings, margin=1.0, distance="euclidean", reduction="nonzero"):
+def triplet_batch_all_loss(
+    labels, embeddings, margin=1.0, distance="euclidean", reduction="nonzero"
+):
     """Batch-all triplet loss of one batch: mean over non-zero (or all) valid triplets."""
     return normalized(
         batch_all_terms(

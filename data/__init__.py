@@ -1,0 +1,1 @@
+"""Data sources, the class-balanced P×K sampler and tf.data pipelines."""

@@ -1,0 +1,1 @@
+"""The training job: entry point, replica backends, model, loop, evaluation, export."""

@@ -38,6 +38,10 @@ class _BatchTripletLoss(keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), "margin": self.margin, "distance": self.distance}
 
+    def terms(self, anchors, anchor_labels, anchor_positions, keys, key_labels):
+        """The query/key form of this loss (see losses.triplet): a TripletTerms."""
+        raise NotImplementedError
+
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class TripletSemiHardLoss(_BatchTripletLoss):
@@ -45,6 +49,11 @@ class TripletSemiHardLoss(_BatchTripletLoss):
 
     def call(self, y_true, y_pred):
         return triplet.triplet_semihard_loss(y_true, y_pred, self.margin, self.distance)
+
+    def terms(self, anchors, anchor_labels, anchor_positions, keys, key_labels):
+        return triplet.semihard_terms(
+            anchors, anchor_labels, anchor_positions, keys, key_labels, self.margin, self.distance
+        )
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -57,6 +66,18 @@ class TripletHardLoss(_BatchTripletLoss):
 
     def call(self, y_true, y_pred):
         return triplet.triplet_hard_loss(y_true, y_pred, self.margin, self.soft, self.distance)
+
+    def terms(self, anchors, anchor_labels, anchor_positions, keys, key_labels):
+        return triplet.hard_terms(
+            anchors,
+            anchor_labels,
+            anchor_positions,
+            keys,
+            key_labels,
+            self.margin,
+            self.soft,
+            self.distance,
+        )
 
     def get_config(self):
         return {**super().get_config(), "soft": self.soft}
@@ -81,6 +102,18 @@ class TripletBatchAllLoss(_BatchTripletLoss):
 
     def get_config(self):
         return {**super().get_config(), "reduction": self.triplet_reduction}
+
+    def terms(self, anchors, anchor_labels, anchor_positions, keys, key_labels):
+        return triplet.batch_all_terms(
+            anchors,
+            anchor_labels,
+            anchor_positions,
+            keys,
+            key_labels,
+            self.margin,
+            self.distance,
+            self.triplet_reduction,
+        )
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -38,6 +38,12 @@ class TripletTerms(NamedTuple):
     count: tf.Tensor  # scalar float32: the normalizer (pairs, anchors or triplets)
     num_active: tf.Tensor  # scalar float32: terms whose loss is > 0
     num_terms: tf.Tensor  # scalar float32: all terms (positive pairs, anchors or triplets)
+    # Key index of the negative each term chose (-1: the anchor had none). Empty for
+    # batch-all, whose terms use every negative. Lets the trainer tell where they came from.
+    negative_index: tf.Tensor  # (terms,) int32
+
+
+SCALAR_FIELDS = ("loss_sum", "count", "num_active", "num_terms")
 
 
 def normalized(terms: TripletTerms) -> tf.Tensor:
@@ -97,7 +103,9 @@ def semihard_terms(
     negative_d = tf.where(found, mining.gather_rows(distances, semihard), fallback_d[:, None])
     losses = tf.where(slots.valid, tf.maximum(margin + positive_d - negative_d, 0.0), 0.0)
     num_pairs = _count(slots.valid)
-    return TripletTerms(tf.reduce_sum(losses), num_pairs, _count(losses > 0.0), num_pairs)
+    fallback = tf.where(has_negative, farthest, -1)
+    chosen = tf.boolean_mask(tf.where(found, semihard, fallback[:, None]), slots.valid)
+    return TripletTerms(tf.reduce_sum(losses), num_pairs, _count(losses > 0.0), num_pairs, chosen)
 
 
 def hard_terms(
@@ -127,7 +135,10 @@ def hard_terms(
     gap = positive_d - chosen[:, 1]
     losses = tf.math.softplus(gap) if soft else tf.maximum(gap + margin, 0.0)
     num_anchors = tf.cast(tf.shape(distances)[0], tf.float32)
-    return TripletTerms(tf.reduce_sum(losses), num_anchors, _count(losses > 0.0), num_anchors)
+    chosen = tf.where(has_negative, negative, -1)
+    return TripletTerms(
+        tf.reduce_sum(losses), num_anchors, _count(losses > 0.0), num_anchors, chosen
+    )
 
 
 BATCH_ALL_REDUCTIONS = ("nonzero", "all")
@@ -173,7 +184,8 @@ def batch_all_terms(
     num_negatives = tf.reduce_sum(tf.cast(is_negative, tf.float32), axis=1, keepdims=True)
     num_triplets = tf.reduce_sum(tf.where(slots.valid, num_negatives, 0.0))
     count = num_active if reduction == "nonzero" else num_triplets
-    return TripletTerms(tf.reduce_sum(losses), count, num_active, num_triplets)
+    no_single_negative = tf.zeros([0], tf.int32)
+    return TripletTerms(tf.reduce_sum(losses), count, num_active, num_triplets, no_single_negative)
 
 
 def _whole_batch(labels, embeddings):

@@ -1,0 +1,71 @@
+"""One step of a small model on a fixed global batch: single device vs replicas.
+
+Shared by the MirroredStrategy tests (in-process) and the Horovod worker script (run
+under horovodrun), so both compare against the same single-device numbers.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import losses
+from trainer.global_loss import replica_loss
+
+LOSSES = {
+    "semihard": lambda: losses.TripletSemiHardLoss(margin=0.5),
+    "hard": lambda: losses.TripletHardLoss(margin=0.5),
+    "soft_hard": lambda: losses.TripletHardLoss(soft=True),
+    "batch_all_nonzero": lambda: losses.TripletBatchAllLoss(margin=0.5, reduction="nonzero"),
+    "batch_all_all": lambda: losses.TripletBatchAllLoss(margin=0.5, reduction="all"),
+}
+
+
+def global_batch(size=24, classes=6, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(size) % classes).astype(np.int64)
+    x = rng.normal(size=(size, dim)).astype(np.float32)
+    return x, labels
+
+
+def build_model(dim=6, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((dim,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(8)]
+    )
+
+
+def single_device_step(loss, weights, x, labels):
+    model = build_model(x.shape[1])
+    model.set_weights(weights)
+    with tf.GradientTape() as tape:
+        value = loss(labels, model(x))
+    grads = tape.gradient(value, model.trainable_variables)
+    return float(value), [g.numpy() for g in grads]
+
+
+def replicated_step(replicas, loss, weights, x, labels, cross_replica_mining=True):
+    """Global loss (sum of the shares) and the gradients summed over replicas."""
+    with replicas.scope():
+        model = build_model(x.shape[1])
+    model.set_weights(weights)
+    replicas.broadcast_variables(model.variables)
+
+    @tf.function
+    def step(local_x, local_labels):
+        with tf.GradientTape() as tape:
+            result = replica_loss(
+                loss, replicas, model(local_x), local_labels, cross_replica_mining
+            )
+        grads = tape.gradient(result.share, model.trainable_variables)
+        total = replicas.all_reduce_sum(result.share)
+        remote = replicas.all_reduce_sum(result.cross_replica_negatives)
+        chosen = replicas.all_reduce_sum(result.chosen_negatives)
+        return total, replicas.sum_gradients(grads), remote, chosen
+
+    total, grads, remote, chosen = replicas.run(step, replicas.split(x, labels))
+    first = lambda v: replicas.local_results(v)[0]  # noqa: E731 (every replica holds the sum)
+    return (
+        float(first(total)),
+        [first(g).numpy() for g in grads],
+        float(first(remote)) / max(float(first(chosen)), 1.0),
+    )

@@ -1,0 +1,32 @@
+"""Run under horovodrun: one replicated step per loss; rank 0 writes the numbers.
+
+horovodrun -np N python -m tests.horovod_worker OUT.npz [global_batch_size]
+"""
+
+import sys
+
+import numpy as np
+
+from tests.cross_replica_case import LOSSES, build_model, global_batch, replicated_step
+from trainer.replicas import make_replicas
+
+
+def main(out, size=24):
+    replicas = make_replicas("horovod")
+    x, labels = global_batch(size)
+    weights = build_model(x.shape[1]).get_weights()
+    if replicas.rank != 0:  # start from different weights: broadcast must fix them
+        weights = [w + 1.0 for w in weights]
+    results = {}
+    for name, make_loss in LOSSES.items():
+        loss_value, grads, _ = replicated_step(replicas, make_loss(), weights, x, labels)
+        results[f"{name}/loss"] = np.array(loss_value)
+        for i, g in enumerate(grads):
+            results[f"{name}/grad{i}"] = g
+    if replicas.rank == 0:
+        np.savez(out, size=replicas.size, **results)
+        print(f"wrote {out} from {replicas.size} workers")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:]))

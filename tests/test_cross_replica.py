@@ -1,0 +1,135 @@
+"""Global-batch mining across replicas equals one device on the concatenated batch."""
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import losses
+from tests.cross_replica_case import (
+    LOSSES,
+    build_model,
+    global_batch,
+    replicated_step,
+    single_device_step,
+)
+from trainer.global_loss import replica_loss
+from trainer.replicas import make_replicas, slice_bounds
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5
+
+
+@functools.cache
+def mirrored(count):
+    """One MirroredStrategy per replica count for the whole session.
+
+    A process normally holds one strategy. Tests hold several, whose collectives would
+    reuse the same group keys with different group sizes; TensorFlow's own tests give
+    each strategy its own key range through `_collective_key_base`, and so do we.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base = 1000 * count
+    replicas = make_replicas("mirrored", cpu_replicas=count)
+    assert replicas.size == count
+    return replicas
+
+
+def assert_same_step(single, replicated):
+    (loss_1, grads_1), (loss_n, grads_n) = single, replicated[:2]
+    assert loss_n == pytest.approx(loss_1, rel=TOLERANCE)
+    assert len(grads_1) == len(grads_n)
+    # Relative to the norm of the whole gradient: some variables' gradients are ~0 by
+    # symmetry (the last bias: Euclidean distances ignore a common shift), only noise.
+    scale = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in grads_1))
+    assert scale > 0
+    for g1, gn in zip(grads_1, grads_n, strict=True):
+        assert np.linalg.norm(np.asarray(gn, np.float64) - g1) <= TOLERANCE * scale
+
+
+@pytest.mark.parametrize("replicas_count", [1, 2, 4])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_mirrored_equals_single_device(loss_name, replicas_count):
+    x, labels = global_batch()
+    weights = build_model(x.shape[1]).get_weights()
+    single = single_device_step(LOSSES[loss_name](), weights, x, labels)
+    replicated = replicated_step(mirrored(replicas_count), LOSSES[loss_name](), weights, x, labels)
+    assert_same_step(single, replicated)
+
+
+@pytest.mark.parametrize("loss_name", ["semihard", "hard", "batch_all_all"])
+def test_unequal_replica_batches_are_exact(loss_name):
+    """A short last batch: 26 rows over 4 replicas are 7, 7, 6, 6 rows."""
+    x, labels = global_batch(size=26)
+    assert [e - s for s, e in slice_bounds(26, 4)] == [7, 7, 6, 6]
+    weights = build_model(x.shape[1]).get_weights()
+    single = single_device_step(LOSSES[loss_name](), weights, x, labels)
+    replicated = replicated_step(mirrored(4), LOSSES[loss_name](), weights, x, labels)
+    assert_same_step(single, replicated)
+
+
+def hard_negatives_on_the_other_replica():
+    """Two replicas; each anchor's closest negatives live on the other replica."""
+    near = [[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [5.1, 0.0]]
+    x = np.array(near + [[p[0], p[1] + 0.2] for p in near], np.float32)
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3], np.int64)
+    return x, labels
+
+
+def test_global_mining_sees_negatives_of_other_replicas():
+    x, labels = hard_negatives_on_the_other_replica()
+    replicas = mirrored(2)
+    loss = losses.TripletHardLoss(margin=0.5)
+
+    def run(cross):
+        @tf.function
+        def step(local_x, local_labels):
+            result = replica_loss(loss, replicas, local_x, local_labels, cross)
+            return (
+                replicas.all_reduce_sum(result.share),
+                replicas.all_reduce_sum(result.cross_replica_negatives),
+                replicas.all_reduce_sum(result.chosen_negatives),
+            )
+
+        total, remote, chosen = replicas.run(step, replicas.split(x, labels))
+        first = replicas.local_results
+        return float(first(total)[0]), float(first(remote)[0]) / float(first(chosen)[0])
+
+    global_loss, global_remote = run(True)
+    local_loss, local_remote = run(False)
+    assert global_loss == pytest.approx(float(losses.triplet_hard_loss(labels, x, 0.5)), rel=1e-6)
+    assert local_loss == 0.0  # within one replica every negative is 5 away
+    assert global_loss > 0.2
+    assert global_remote == 1.0 and local_remote == 0.0
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_horovod_workers_equal_single_device(workers, tmp_path):
+    out = tmp_path / "result.npz"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    command = [
+        str(Path(sys.executable).parent / "horovodrun"),
+        "-np",
+        str(workers),
+        "--gloo",
+        "-H",
+        f"localhost:{workers}",
+        sys.executable,
+        "-m",
+        "tests.horovod_worker",
+        str(out),
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = np.load(out)
+    assert int(result["size"]) == workers
+    x, labels = global_batch()
+    weights = build_model(x.shape[1]).get_weights()
+    for name, make_loss in LOSSES.items():
+        loss_1, grads_1 = single_device_step(make_loss(), weights, x, labels)
+        grads_n = [result[f"{name}/grad{i}"] for i in range(len(grads_1))]
+        assert_same_step((loss_1, grads_1), (float(result[f"{name}/loss"]), grads_n))

@@ -1,0 +1,278 @@
+"""One replica abstraction over single device, MirroredStrategy, MultiWorkerMirrored and Horovod.
+
+Everything the trainer needs from the backend goes through `Replicas`: who am I (rank,
+size, chief), how the global batch is split (contiguous slices, replica r takes rows
+[start_r, end_r)), running a step on every replica, and the collectives used inside a
+step: a differentiable all-gather whose backward pass *sums* the incoming gradients over
+replicas before slicing out the caller's rows (so each embedding's owner receives the
+gradient of the whole global loss), a summing all-reduce, gradient application, and the
+broadcast of initial weights. Nothing else in the trainer branches on the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+STRATEGIES = ("auto", "single", "mirrored", "multi_worker", "horovod")
+
+
+def configure_cpu_replicas(count: int) -> list[str]:
+    """Splits the CPU into `count` logical devices (MirroredStrategy without GPUs).
+
+    Must run before TensorFlow initializes its devices; if it already has, the existing
+    logical CPUs are used when there are enough, else a clear error is raised.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+        )
+    except RuntimeError:
+        pass  # already initialized: checked below
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) < count:
+        raise RuntimeError(
+            f"distribute.cpu_replicas={count} but TensorFlow was initialized with "
+            f"{len(devices)} logical CPU(s); set it before any TensorFlow op runs."
+        )
+    return devices[:count]
+
+
+def slice_bounds(global_size: int, num_replicas: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) rows of each replica; the first `B % N` get one more."""
+    base, extra = divmod(global_size, num_replicas)
+    bounds, start = [], 0
+    for r in range(num_replicas):
+        end = start + base + (1 if r < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class Replicas:
+    """Base class: the single-device backend (one replica, collectives are identities)."""
+
+    name = "single"
+
+    @property
+    def size(self) -> int:
+        """Number of replicas in the job (all workers, all devices)."""
+        return 1
+
+    @property
+    def rank(self) -> int:
+        """This process's worker index (0 on the chief)."""
+        return 0
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def scope(self):
+        """Context in which the model and optimizer variables are created."""
+        return contextlib.nullcontext()
+
+    # --- outside the step ---------------------------------------------------------
+    def split(self, *global_arrays):
+        """Each replica's contiguous slice of the global batch, ready for `run`."""
+        return global_arrays
+
+    def run(self, fn, args=()):
+        """Runs `fn(*args)` once per local replica (args come from `split`)."""
+        return fn(*args)
+
+    def sum_results(self, value):
+        """Sums a per-replica result over the local replicas (cross-replica context)."""
+        return value
+
+    def local_results(self, value) -> list:
+        return [value]
+
+    def broadcast_variables(self, variables) -> None:
+        """Makes every replica start from the chief's weights."""
+
+    # --- inside the step ------------------------------------------------------------
+    def replica_index(self) -> tf.Tensor:
+        """This replica's global index, which is also its slice of the global batch."""
+        return tf.constant(0)
+
+    def all_gather(self, value):
+        """Concatenates every replica's `value` along axis 0, in replica order."""
+        return value
+
+    def all_reduce_sum(self, value):
+        return value
+
+    def apply_gradients(self, optimizer, grads, variables) -> None:
+        """Applies this replica's gradients; they are summed over replicas first."""
+        optimizer.apply(grads, variables)
+
+    def sum_gradients(self, grads):
+        """This replica's gradients summed over all replicas (for checks and logging)."""
+        return grads
+
+
+class MirroredReplicas(Replicas):
+    """tf.distribute (MirroredStrategy on one node, MultiWorkerMirroredStrategy across)."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, name: str, rank: int = 0):
+        self.strategy = strategy
+        self.name = name
+        self._rank = rank
+
+    @property
+    def size(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def split(self, *global_arrays):
+        global_arrays = [np.asarray(a) for a in global_arrays]
+        bounds = slice_bounds(len(global_arrays[0]), self.size)
+
+        def part(ctx):
+            start, end = bounds[ctx.replica_id_in_sync_group]
+            return tuple(tf.constant(a[start:end]) for a in global_arrays)
+
+        return self.strategy.experimental_distribute_values_from_function(part)
+
+    def run(self, fn, args=()):
+        return self.strategy.run(fn, args=args)
+
+    def sum_results(self, value):
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+    def local_results(self, value) -> list:
+        return list(self.strategy.experimental_local_results(value))
+
+    def replica_index(self):
+        return tf.distribute.get_replica_context().replica_id_in_sync_group
+
+    def all_gather(self, value):
+        # ReplicaContext.all_gather's backward sums over replicas, then slices: exact.
+        return tf.distribute.get_replica_context().all_gather(value, axis=0)
+
+    def all_reduce_sum(self, value):
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+    def apply_gradients(self, optimizer, grads, variables) -> None:
+        # Keras 3's optimizer sums gradients over replicas inside `apply` (replica context).
+        optimizer.apply(grads, variables)
+
+    def sum_gradients(self, grads):
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+
+
+class HorovodReplicas(Replicas):
+    """One replica per `horovodrun` process; collectives through Horovod (Gloo or MPI)."""
+
+    name = "horovod"
+
+    def __init__(self):
+        import horovod.tensorflow as hvd
+
+        self.hvd = hvd
+        hvd.init()
+
+    @property
+    def size(self) -> int:
+        return self.hvd.size()
+
+    @property
+    def rank(self) -> int:
+        return self.hvd.rank()
+
+    def split(self, *global_arrays):
+        start, end = slice_bounds(len(global_arrays[0]), self.size)[self.rank]
+        return tuple(tf.constant(np.asarray(a)[start:end]) for a in global_arrays)
+
+    def broadcast_variables(self, variables) -> None:
+        # Keras 3 variables lack `.ref()`; Horovod needs the underlying tf.Variables.
+        self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
+
+    def replica_index(self):
+        return tf.constant(self.rank)
+
+    def all_gather(self, value):
+        hvd = self.hvd
+        if not value.dtype.is_floating:
+            return hvd.allgather(value)
+
+        @tf.custom_gradient
+        def gather(local):
+            # Horovod's own allgather gradient *averages* over workers, which leaves the
+            # key-side gradient N times too small: sum, then take this worker's rows.
+            rows = tf.shape(local)[:1]
+            sizes = hvd.allgather(rows)
+            start = tf.reduce_sum(sizes[: hvd.rank()])
+
+            def grad(upstream):
+                total = hvd.allreduce(upstream, op=hvd.Sum)
+                return total[start : start + rows[0]]
+
+            return hvd.allgather(local), grad
+
+        return gather(value)
+
+    def all_reduce_sum(self, value):
+        return self.hvd.allreduce(value, op=self.hvd.Sum)
+
+    def apply_gradients(self, optimizer, grads, variables) -> None:
+        optimizer.apply(self.sum_gradients(grads), variables)
+
+    def sum_gradients(self, grads):
+        return self.hvd.grouped_allreduce(list(grads), op=self.hvd.Sum)
+
+
+def launched_by_horovodrun() -> bool:
+    return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+@gin.configurable("distribute")
+def make_replicas(strategy: str = "auto", cpu_replicas: int = 0) -> Replicas:
+    """Builds the backend named by `distribute.strategy`.
+
+    'auto': Horovod when launched by horovodrun, MirroredStrategy when more than one GPU
+    (or `cpu_replicas` > 1) is visible, else a single device.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"Unknown distribute.strategy {strategy!r}; valid values are "
+            + ", ".join(repr(s) for s in STRATEGIES)
+        )
+    if cpu_replicas < 0:
+        raise ValueError(f"distribute.cpu_replicas must be >= 0, got {cpu_replicas}.")
+    cpu_devices = configure_cpu_replicas(cpu_replicas) if cpu_replicas > 0 else None
+    if strategy == "auto":
+        if launched_by_horovodrun():
+            strategy = "horovod"
+        elif cpu_replicas > 1 or len(tf.config.list_physical_devices("GPU")) > 1:
+            strategy = "mirrored"
+        else:
+            strategy = "single"
+    if strategy == "single":
+        return Replicas()
+    if strategy == "horovod":
+        return HorovodReplicas()
+    if strategy == "mirrored":
+        devices = cpu_devices if cpu_devices else None
+        return MirroredReplicas(tf.distribute.MirroredStrategy(devices), "mirrored")
+    if "TF_CONFIG" not in os.environ:
+        raise ValueError(
+            "distribute.strategy='multi_worker' needs TF_CONFIG (see launch/multi_worker.sh)."
+        )
+    task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
+    return MirroredReplicas(
+        tf.distribute.MultiWorkerMirroredStrategy(), "multi_worker", int(task.get("index", 0))
+    )

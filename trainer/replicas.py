@@ -15,9 +15,10 @@ import contextlib
 import json
 import os
 
-import gin
 import numpy as np
 import tensorflow as tf
+
+import gin
 
 STRATEGIES = ("auto", "single", "mirrored", "multi_worker", "horovod")
 

@@ -17,7 +17,13 @@ PACKAGE = "metric_trainer"
 
 
 class _BatchTripletLoss(keras.losses.Loss):
-    """Common plumbing: distance aliases, integer labels, config round trip."""
+    """Common plumbing: distance aliases, integer labels, config round trip.
+
+    Each subclass names its query/key function (`_terms_fn`) and the options it takes
+    (`_options`); the batch loss is that function with the batch as anchors and keys.
+    """
+
+    _terms_fn = None
 
     def __init__(self, margin=1.0, distance="euclidean", name=None, distance_metric=None, **kwargs):
         # `distance_metric` is TensorFlow Addons' keyword, accepted for drop-in migration.
@@ -35,57 +41,48 @@ class _BatchTripletLoss(keras.losses.Loss):
         with tf.name_scope(self.name or type(self).__name__):
             return self.call(y_true, y_pred)
 
-    def get_config(self):
-        return {**super().get_config(), "margin": self.margin, "distance": self.distance}
+    def _options(self) -> dict:
+        return {"margin": self.margin, "distance": self.distance}
+
+    def call(self, y_true, y_pred):
+        return triplet.normalized(self.terms(*triplet.whole_batch(y_true, y_pred)))
 
     def terms(self, anchors, anchor_labels, anchor_positions, keys, key_labels):
         """The query/key form of this loss (see losses.triplet): a TripletTerms."""
-        raise NotImplementedError
+        return type(self)._terms_fn(
+            anchors, anchor_labels, anchor_positions, keys, key_labels, **self._options()
+        )
+
+    def get_config(self):
+        return {**super().get_config(), **self._options()}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class TripletSemiHardLoss(_BatchTripletLoss):
     """Semi-hard triplet loss over the batch (Addons' `TripletSemiHardLoss`)."""
 
-    def call(self, y_true, y_pred):
-        return triplet.triplet_semihard_loss(y_true, y_pred, self.margin, self.distance)
-
-    def terms(self, anchors, anchor_labels, anchor_positions, keys, key_labels):
-        return triplet.semihard_terms(
-            anchors, anchor_labels, anchor_positions, keys, key_labels, self.margin, self.distance
-        )
+    _terms_fn = triplet.semihard_terms
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class TripletHardLoss(_BatchTripletLoss):
     """Batch-hard triplet loss (Addons' `TripletHardLoss`); `soft` uses a softplus."""
 
+    _terms_fn = triplet.hard_terms
+
     def __init__(self, margin=1.0, soft=False, distance="euclidean", name=None, **kwargs):
         self.soft = bool(soft)
         super().__init__(margin=margin, distance=distance, name=name, **kwargs)
 
-    def call(self, y_true, y_pred):
-        return triplet.triplet_hard_loss(y_true, y_pred, self.margin, self.soft, self.distance)
-
-    def terms(self, anchors, anchor_labels, anchor_positions, keys, key_labels):
-        return triplet.hard_terms(
-            anchors,
-            anchor_labels,
-            anchor_positions,
-            keys,
-            key_labels,
-            self.margin,
-            self.soft,
-            self.distance,
-        )
-
-    def get_config(self):
-        return {**super().get_config(), "soft": self.soft}
+    def _options(self) -> dict:
+        return {**super()._options(), "soft": self.soft}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class TripletBatchAllLoss(_BatchTripletLoss):
     """Batch-all triplet loss; `reduction` here is "nonzero" or "all" (see triplet.py)."""
+
+    _terms_fn = triplet.batch_all_terms
 
     def __init__(self, margin=1.0, distance="euclidean", reduction="nonzero", name=None, **kwargs):
         if reduction not in triplet.BATCH_ALL_REDUCTIONS:
@@ -95,25 +92,9 @@ class TripletBatchAllLoss(_BatchTripletLoss):
         self.triplet_reduction = reduction
         super().__init__(margin=margin, distance=distance, name=name, **kwargs)
 
-    def call(self, y_true, y_pred):
-        return triplet.triplet_batch_all_loss(
-            y_true, y_pred, self.margin, self.distance, self.triplet_reduction
-        )
-
-    def get_config(self):
-        return {**super().get_config(), "reduction": self.triplet_reduction}
-
-    def terms(self, anchors, anchor_labels, anchor_positions, keys, key_labels):
-        return triplet.batch_all_terms(
-            anchors,
-            anchor_labels,
-            anchor_positions,
-            keys,
-            key_labels,
-            self.margin,
-            self.distance,
-            self.triplet_reduction,
-        )
+    def _options(self) -> dict:
+        # Keras' own `reduction` config key is replaced: the loss is one scalar anyway.
+        return {**super()._options(), "reduction": self.triplet_reduction}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

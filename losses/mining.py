@@ -20,7 +20,10 @@ _INF = float("inf")
 
 # Above this many positives per anchor the semi-hard search sorts each row once
 # instead of making one pass over the row per positive (P×K batches have K - 1).
-MAX_POSITIVE_PASSES = 16
+# Measured crossover on CPU: about 48 positives at B = 1024, above 32 at B = 4096.
+MAX_POSITIVE_PASSES = 40
+# Largest (anchors, positives, keys) comparison made at once by the one-pass search.
+PASS_CHUNK_ELEMENTS = 1 << 22
 
 
 class LabelMasks(NamedTuple):
@@ -132,23 +135,36 @@ def semihard_negatives(distances, negative, positive_distances):
 
 
 def _semihard_by_passes(negative_distances, positive_distances):
-    """One pass over each anchor's row per positive: cheap when positives are few."""
-    passes = tf.shape(positive_distances)[1]
+    """One pass over each anchor's row per positive: cheap when positives are few.
 
-    num_anchors = tf.shape(negative_distances)[0]
+    Several positives are handled per loop iteration, as one broadcast (anchors, chunk,
+    keys) comparison of at most PASS_CHUNK_ELEMENTS elements: small batches finish in one
+    iteration (loop overhead dominates there), large ones keep memory at O(B²).
+    """
+    passes = tf.shape(positive_distances)[1]
+    num_anchors, num_keys = tf.shape(negative_distances)[0], tf.shape(negative_distances)[1]
+    chunk = tf.maximum(1, PASS_CHUNK_ELEMENTS // tf.maximum(num_anchors * num_keys, 1))
+    rows = negative_distances[:, tf.newaxis, :]
 
     def body(j, chosen):
-        threshold = positive_distances[:, j : j + 1]
-        candidates = tf.where(negative_distances > threshold, negative_distances, _INF)
-        best = tf.argmin(candidates, axis=1, output_type=tf.int32)
-        return j + 1, tf.tensor_scatter_nd_update(chosen, [[j]], best[tf.newaxis])
+        thresholds = positive_distances[:, j : j + chunk, tf.newaxis]
+        candidates = tf.where(rows > thresholds, rows, _INF)
+        best = tf.argmin(candidates, axis=2, output_type=tf.int32)  # (anchors, <= chunk)
+        return j + chunk, chosen.write(j // chunk, tf.transpose(best))
 
-    _, chosen = tf.while_loop(
-        lambda j, _: j < passes,
-        body,
-        (tf.constant(0), tf.zeros([passes, num_anchors], tf.int32)),
+    chosen = tf.TensorArray(
+        tf.int32,
+        size=0,
+        dynamic_size=True,
+        infer_shape=False,
+        element_shape=tf.TensorShape([None, None]),
     )
-    return tf.transpose(chosen)
+    _, chosen = tf.while_loop(lambda j, _: j < passes, body, (tf.constant(0), chosen))
+    return tf.cond(
+        passes > 0,
+        lambda: tf.transpose(chosen.concat()),
+        lambda: tf.zeros([num_anchors, 0], tf.int32),
+    )
 
 
 def _semihard_by_sorting(negative_distances, positive_distances):

@@ -188,7 +188,7 @@ def batch_all_terms(
     return TripletTerms(tf.reduce_sum(losses), count, num_active, num_triplets, no_single_negative)
 
 
-def _whole_batch(labels, embeddings):
+def whole_batch(labels, embeddings):
     """The single-device case: the batch is both the anchors and the keys."""
     labels = mining.check_labels(labels, "labels")
     embeddings = as_float32_embeddings(embeddings, "embeddings")
@@ -200,14 +200,14 @@ def _whole_batch(labels, embeddings):
 def triplet_semihard_loss(labels, embeddings, margin=1.0, distance="euclidean"):
     """Semi-hard triplet loss of one batch (TensorFlow Addons' `triplet_semihard_loss`)."""
     return normalized(
-        semihard_terms(*_whole_batch(labels, embeddings), margin=margin, distance=distance)
+        semihard_terms(*whole_batch(labels, embeddings), margin=margin, distance=distance)
     )
 
 
 def triplet_hard_loss(labels, embeddings, margin=1.0, soft=False, distance="euclidean"):
     """Batch-hard triplet loss of one batch (TensorFlow Addons' `triplet_hard_loss`)."""
     return normalized(
-        hard_terms(*_whole_batch(labels, embeddings), margin=margin, soft=soft, distance=distance)
+        hard_terms(*whole_batch(labels, embeddings), margin=margin, soft=soft, distance=distance)
     )
 
 
@@ -217,7 +217,7 @@ def triplet_batch_all_loss(
     """Batch-all triplet loss of one batch: mean over non-zero (or all) valid triplets."""
     return normalized(
         batch_all_terms(
-            *_whole_batch(labels, embeddings), margin=margin, distance=distance, reduction=reduction
+            *whole_batch(labels, embeddings), margin=margin, distance=distance, reduction=reduction
         )
     )
 

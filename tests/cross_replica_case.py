@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 import losses
-from trainer.global_loss import replica_loss
+from trainer.global_loss import loss_and_gradients
 
 LOSSES = {
     "semihard": lambda: losses.TripletSemiHardLoss(margin=0.5),
@@ -44,7 +44,8 @@ def single_device_step(loss, weights, x, labels):
 
 
 def replicated_step(replicas, loss, weights, x, labels, cross_replica_mining=True):
-    """Global loss (sum of the shares) and the gradients summed over replicas."""
+    """Global loss and the gradients summed over replicas, plus the share of chosen
+    negatives that came from another replica."""
     with replicas.scope():
         model = build_model(x.shape[1])
     model.set_weights(weights)
@@ -52,20 +53,20 @@ def replicated_step(replicas, loss, weights, x, labels, cross_replica_mining=Tru
 
     @tf.function
     def step(local_x, local_labels):
-        with tf.GradientTape() as tape:
-            result = replica_loss(
-                loss, replicas, model(local_x), local_labels, cross_replica_mining
-            )
-        grads = tape.gradient(result.share, model.trainable_variables)
-        total = replicas.all_reduce_sum(result.share)
-        remote = replicas.all_reduce_sum(result.cross_replica_negatives)
-        chosen = replicas.all_reduce_sum(result.chosen_negatives)
-        return total, replicas.sum_gradients(grads), remote, chosen
+        result = loss_and_gradients(
+            loss,
+            replicas,
+            model,
+            model.trainable_variables,
+            local_x,
+            local_labels,
+            cross_replica_mining,
+        )
+        remote = tf.math.divide_no_nan(
+            result.stats["remote_negatives"], result.stats["chosen_negatives"]
+        )
+        return result.loss, replicas.sum_gradients(result.grads), remote
 
-    total, grads, remote, chosen = replicas.run(step, replicas.split(x, labels))
+    value, grads, remote = replicas.run(step, replicas.split(x, labels))
     first = lambda v: replicas.local_results(v)[0]  # noqa: E731 (every replica holds the sum)
-    return (
-        float(first(total)),
-        [first(g).numpy() for g in grads],
-        float(first(remote)) / max(float(first(chosen)), 1.0),
-    )
+    return float(first(value)), [first(g).numpy() for g in grads], float(first(remote))

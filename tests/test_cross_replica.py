@@ -18,7 +18,7 @@ from tests.cross_replica_case import (
     replicated_step,
     single_device_step,
 )
-from trainer.global_loss import replica_loss
+from trainer.global_loss import loss_and_gradients
 from trainer.replicas import make_replicas, slice_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,16 +88,14 @@ def test_global_mining_sees_negatives_of_other_replicas():
     def run(cross):
         @tf.function
         def step(local_x, local_labels):
-            result = replica_loss(loss, replicas, local_x, local_labels, cross)
-            return (
-                replicas.all_reduce_sum(result.share),
-                replicas.all_reduce_sum(result.cross_replica_negatives),
-                replicas.all_reduce_sum(result.chosen_negatives),
+            result = loss_and_gradients(
+                loss, replicas, tf.identity, [], local_x, local_labels, cross
             )
+            s = result.stats
+            return result.loss, s["remote_negatives"] / s["chosen_negatives"]
 
-        total, remote, chosen = replicas.run(step, replicas.split(x, labels))
-        first = replicas.local_results
-        return float(first(total)[0]), float(first(remote)[0]) / float(first(chosen)[0])
+        value, remote = replicas.run(step, replicas.split(x, labels))
+        return float(replicas.local_results(value)[0]), float(replicas.local_results(remote)[0])
 
     global_loss, global_remote = run(True)
     local_loss, local_remote = run(False)

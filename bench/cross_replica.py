@@ -1,0 +1,102 @@
+"""Cost of global-batch mining: step time with global over local mining, in one run.
+
+  python -m bench.cross_replica [--replicas 2 4] [--steps 40] [--batch 128]
+
+For each replica count, a fresh process builds MirroredStrategy on logical CPUs, the
+default digits model and two train steps that differ only in `cross_replica_mining`,
+then times them in alternation on the same P×K-sampled batches (median per step).
+Only the ratio is meaningful on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def measure(replicas_count: int, steps: int, batch: int) -> dict:
+    """Runs in the child process: median step seconds for global and local mining."""
+    import keras
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    import losses
+    from trainer.model import digits_model
+    from trainer.replicas import make_replicas
+    from trainer.train_step import TrainStep
+
+    replicas = make_replicas("mirrored", cpu_replicas=replicas_count)
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+    train = np.flatnonzero(y < 6)
+    rng = np.random.default_rng(0)
+    batches = [rng.choice(train, batch, replace=False) for _ in range(steps)]
+    with replicas.scope():
+        model = digits_model()
+        optimizer = keras.optimizers.Adam(1e-3)
+    loss = losses.TripletSemiHardLoss(margin=0.2, distance="cosine")
+    runs = {
+        mode: TrainStep(model, optimizer, loss, replicas, mode == "global")
+        for mode in ("global", "local")
+    }
+    for run in runs.values():  # trace and warm up
+        run(x[batches[0]], y[batches[0]])
+    times = {mode: [] for mode in runs}
+    for i, rows in enumerate(batches):
+        order = list(runs) if i % 2 == 0 else list(runs)[::-1]
+        for mode in order:
+            start = time.perf_counter()
+            runs[mode](x[rows], y[rows])
+            times[mode].append(time.perf_counter() - start)
+    return {mode: float(np.median(t)) for mode, t in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=128, help="global batch size")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args.steps, args.batch)))
+        return 0
+    results = {}
+    for n in args.replicas:
+        print(f"{n} replicas, global batch {args.batch}, {args.steps} steps each ...", flush=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.cross_replica",
+                "--child",
+                str(n),
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        t = json.loads(out.stdout.strip().splitlines()[-1])
+        ratio = t["global"] / t["local"]
+        results[n] = {**t, "ratio": ratio}
+        print(
+            f"  global {t['global'] * 1e3:7.2f} ms   local {t['local'] * 1e3:7.2f} ms   "
+            f"global / local {ratio:5.3f}  (target <= 1.10)",
+            flush=True,
+        )
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

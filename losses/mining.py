@@ -36,8 +36,8 @@ class LabelMasks(NamedTuple):
 class PositiveSlots(NamedTuple):
     """Every positive of every anchor, padded to the largest count.
 
-    `index[a, j]` is the key index of anchor a's j-th positive (by decreasing distance)
-    where `valid[a, j]`; padding entries hold an arbitrary key index.
+    `index[a, j]` is the key index of anchor a's j-th positive (in key order) where
+    `valid[a, j]`; padding entries hold key index 0.
     """
 
     index: tf.Tensor  # (anchors, max_positives) int32
@@ -71,13 +71,22 @@ def gather_rows(matrix: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     return tf.gather(matrix, index, batch_dims=1)
 
 
-def positive_slots(distances, positive) -> PositiveSlots:
-    """All positives of each anchor, as (anchors, max_positives) key indices."""
-    distances = tf.stop_gradient(distances)
-    num_positives = tf.reduce_sum(tf.cast(positive, tf.int32), axis=1)
-    max_positives = tf.maximum(tf.reduce_max(tf.concat([num_positives, [0]], 0)), 0)
-    # Distances are >= 0, so the top `num_positives[a]` entries of row a are its positives.
-    _, index = tf.math.top_k(tf.where(positive, distances, -1.0), k=max_positives)
+def positive_slots(positive) -> PositiveSlots:
+    """All positives of each anchor, as (anchors, max_positives) key indices.
+
+    Each positive's slot is its rank among its row's positives (a cumulative sum), so
+    this is one pass over the mask whatever the number of positives, with no sort.
+    """
+    as_int = tf.cast(positive, tf.int32)
+    num_positives = tf.reduce_sum(as_int, axis=1)
+    max_positives = tf.reduce_max(tf.concat([num_positives, [0]], 0))
+    entries = tf.cast(tf.where(positive), tf.int32)  # (pairs, 2): anchor, key
+    slot = tf.gather_nd(tf.cumsum(as_int, axis=1), entries) - 1
+    index = tf.scatter_nd(
+        tf.stack([entries[:, 0], slot], axis=1),
+        entries[:, 1],
+        tf.stack([tf.shape(positive)[0], max_positives]),
+    )
     valid = tf.range(max_positives)[tf.newaxis, :] < num_positives[:, tf.newaxis]
     return PositiveSlots(index=index, valid=valid)
 

@@ -95,7 +95,7 @@ def semihard_terms(
     distances, masks = _prepare(
         anchors, anchor_labels, anchor_positions, keys, key_labels, distance
     )
-    slots = mining.positive_slots(distances, masks.positive)
+    slots = mining.positive_slots(masks.positive)
     positive_d = mining.gather_rows(distances, slots.index)
     semihard, found = mining.semihard_negatives(distances, masks.negative, positive_d)
     farthest, has_negative = mining.farthest_negative(distances, masks.negative)
@@ -168,7 +168,7 @@ def batch_all_terms(
     distances, masks = _prepare(
         anchors, anchor_labels, anchor_positions, keys, key_labels, distance
     )
-    slots = mining.positive_slots(distances, masks.positive)
+    slots = mining.positive_slots(masks.positive)
     thresholds = mining.gather_rows(distances, slots.index) + margin
     negative_d = tf.where(masks.negative, tf.stop_gradient(distances), float("inf"))
     order = tf.argsort(negative_d, axis=1, stable=True)

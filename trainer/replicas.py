@@ -15,10 +15,9 @@ import contextlib
 import json
 import os
 
+import gin
 import numpy as np
 import tensorflow as tf
-
-import gin
 
 STRATEGIES = ("auto", "single", "mirrored", "multi_worker", "horovod")
 
@@ -88,11 +87,8 @@ class Replicas:
         """Runs `fn(*args)` once per local replica (args come from `split`)."""
         return fn(*args)
 
-    def sum_results(self, value):
-        """Sums a per-replica result over the local replicas (cross-replica context)."""
-        return value
-
     def local_results(self, value) -> list:
+        """A `run` result as one value per local replica."""
         return [value]
 
     def broadcast_variables(self, variables) -> None:
@@ -150,9 +146,6 @@ class MirroredReplicas(Replicas):
 
     def run(self, fn, args=()):
         return self.strategy.run(fn, args=args)
-
-    def sum_results(self, value):
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
 
     def local_results(self, value) -> list:
         return list(self.strategy.experimental_local_results(value))

@@ -85,11 +85,9 @@ class TripletBatchAllLoss(_BatchTripletLoss):
     _terms_fn = triplet.batch_all_terms
 
     def __init__(self, margin=1.0, distance="euclidean", reduction="nonzero", name=None, **kwargs):
-        if reduction not in triplet.BATCH_ALL_REDUCTIONS:
-            raise ValueError(
-                f"Unknown reduction {reduction!r}; valid values are {triplet.BATCH_ALL_REDUCTIONS}."
-            )
-        self.triplet_reduction = reduction
+        self.triplet_reduction = triplet.check_choice(
+            "reduction", reduction, triplet.BATCH_ALL_REDUCTIONS
+        )
         super().__init__(margin=margin, distance=distance, name=name, **kwargs)
 
     def _options(self) -> dict:
@@ -106,12 +104,9 @@ class TripletLoss(keras.losses.Loss):
     ):
         self.margin = float(margin)
         self.distance = canonical_distance(distance)
-        if negative_mining not in triplet.NEGATIVE_MINING:
-            raise ValueError(
-                f"Unknown negative_mining {negative_mining!r}; "
-                f"valid values are {triplet.NEGATIVE_MINING}."
-            )
-        self.negative_mining = negative_mining
+        self.negative_mining = triplet.check_choice(
+            "negative_mining", negative_mining, triplet.NEGATIVE_MINING
+        )
         super().__init__(name=name, **kwargs)
 
     def __call__(self, y_true, y_pred, sample_weight=None):

@@ -46,6 +46,13 @@ class TripletTerms(NamedTuple):
 SCALAR_FIELDS = ("loss_sum", "count", "num_active", "num_terms")
 
 
+def check_choice(name: str, value, choices) -> str:
+    """Returns `value` if it is one of `choices`; else raises, naming option and valid values."""
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; valid values are {tuple(choices)}.")
+    return value
+
+
 def normalized(terms: TripletTerms) -> tf.Tensor:
     """loss_sum / count, 0 (not NaN) when there is nothing to normalize by."""
     return tf.math.divide_no_nan(terms.loss_sum, terms.count)
@@ -130,9 +137,9 @@ def hard_terms(
     positive, has_positive = mining.hardest_positive(distances, masks.positive)
     negative, has_negative = mining.hardest_negative(distances, masks.negative)
     negative = tf.where(has_negative, negative, mining.farthest_key(distances))
-    chosen = mining.gather_rows(distances, tf.stack([positive, negative], axis=1))
-    positive_d = tf.where(has_positive, chosen[:, 0], 0.0)
-    gap = positive_d - chosen[:, 1]
+    chosen_d = mining.gather_rows(distances, tf.stack([positive, negative], axis=1))
+    positive_d = tf.where(has_positive, chosen_d[:, 0], 0.0)
+    gap = positive_d - chosen_d[:, 1]
     losses = tf.math.softplus(gap) if soft else tf.maximum(gap + margin, 0.0)
     num_anchors = tf.cast(tf.shape(distances)[0], tf.float32)
     chosen = tf.where(has_negative, negative, -1)
@@ -161,10 +168,7 @@ def batch_all_terms(
     positives: each anchor's negatives are sorted once, and for each positive the
     negatives closer than d(a,p) + margin are summed with a prefix sum.
     """
-    if reduction not in BATCH_ALL_REDUCTIONS:
-        raise ValueError(
-            f"Unknown reduction {reduction!r}; valid values are {BATCH_ALL_REDUCTIONS}."
-        )
+    check_choice("reduction", reduction, BATCH_ALL_REDUCTIONS)
     distances, masks = _prepare(
         anchors, anchor_labels, anchor_positions, keys, key_labels, distance
     )
@@ -235,10 +239,7 @@ def triplet_loss(
     strictly farther than the positive (else the farthest), `"hardest"` the closest.
     """
     canonical_distance(distance)
-    if negative_mining not in NEGATIVE_MINING:
-        raise ValueError(
-            f"Unknown negative_mining {negative_mining!r}; valid values are {NEGATIVE_MINING}."
-        )
+    check_choice("negative_mining", negative_mining, NEGATIVE_MINING)
     anchor = as_float32_embeddings(anchor, "anchor")
     positive = as_float32_embeddings(positive, "positive")
     negative = tf.cast(tf.convert_to_tensor(negative), tf.float32)

@@ -243,3 +243,25 @@ def test_batch_mismatch_inside_tf_function_fails_clearly():
     )
     with pytest.raises(tf.errors.InvalidArgumentError, match="different batch sizes"):
         fn(np.zeros(3, np.int32), np.zeros((4, 2), np.float32))
+
+
+@pytest.mark.parametrize(
+    "make,words",
+    [
+        (
+            lambda: losses.triplet_batch_all_loss([0, 0], np.zeros((2, 2)), reduction="mean"),
+            "reduction 'mean'.*'nonzero', 'all'",
+        ),
+        (lambda: losses.TripletBatchAllLoss(reduction="mean"), "reduction 'mean'"),
+        (
+            lambda: losses.triplet_loss(
+                np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)), negative_mining="easy"
+            ),
+            "negative_mining 'easy'.*'hardest'",
+        ),
+        (lambda: losses.TripletLoss(negative_mining="easy"), "negative_mining 'easy'"),
+    ],
+)
+def test_unknown_options_name_the_option_and_the_valid_values(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()

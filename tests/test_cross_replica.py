@@ -131,3 +131,11 @@ def test_horovod_workers_equal_single_device(workers, tmp_path):
         loss_1, grads_1 = single_device_step(make_loss(), weights, x, labels)
         grads_n = [result[f"{name}/grad{i}"] for i in range(len(grads_1))]
         assert_same_step((loss_1, grads_1), (float(result[f"{name}/loss"]), grads_n))
+
+
+def test_unknown_strategy_and_missing_tf_config_are_named(monkeypatch):
+    with pytest.raises(ValueError, match="distribute.strategy 'mirored'.*'mirrored'"):
+        make_replicas("mirored")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        make_replicas("multi_worker")

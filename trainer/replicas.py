@@ -260,11 +260,11 @@ def make_replicas(strategy: str = "auto", cpu_replicas: int = 0) -> Replicas:
     if strategy == "horovod":
         return HorovodReplicas()
     if strategy == "mirrored":
-        devices = cpu_devices if cpu_devices else None
-        return MirroredReplicas(tf.distribute.MirroredStrategy(devices), "mirrored")
+        return MirroredReplicas(tf.distribute.MirroredStrategy(cpu_devices), "mirrored")
     if "TF_CONFIG" not in os.environ:
         raise ValueError(
-            "distribute.strategy='multi_worker' needs TF_CONFIG (see launch/multi_worker.sh)."
+            "distribute.strategy='multi_worker' needs the TF_CONFIG environment variable "
+            "(the cluster and this worker's task, as MultiWorkerMirroredStrategy reads it)."
         )
     task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
     return MirroredReplicas(

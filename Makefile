@@ -9,8 +9,9 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 install:
 	@bash launch/install.sh
 
+# The embedded default job (digits) on two Horovod workers on the CPU (Gloo).
 train: install
-	$(PYTHON) -m trainer.losses_demo
+	@bash launch/horovod.sh 2 --workdir=runs/digits-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PYTHON) -m ruff check .

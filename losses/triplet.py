@@ -41,6 +41,10 @@ class TripletTerms(NamedTuple):
     # Key index of the negative each term chose (-1: the anchor had none). Empty for
     # batch-all, whose terms use every negative. Lets the trainer tell where they came from.
     negative_index: tf.Tensor  # (terms,) int32
+    # Distances of the pairs the terms used (no gradient), for monitoring: anchor-positive
+    # per term, and anchor-negative per chosen negative (every negative for batch-all).
+    positive_distances: tf.Tensor  # (n,) float32
+    negative_distances: tf.Tensor  # (m,) float32
 
 
 SCALAR_FIELDS = ("loss_sum", "count", "num_active", "num_terms")
@@ -86,6 +90,11 @@ def _check_batch(labels, embeddings, labels_name, embeddings_name):
     )
 
 
+def _observed(distances, mask) -> tf.Tensor:
+    """The masked distances as a flat vector, without gradient (for monitoring only)."""
+    return tf.boolean_mask(tf.stop_gradient(distances), mask)
+
+
 def _count(mask) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(mask, tf.float32))
 
@@ -112,7 +121,15 @@ def semihard_terms(
     num_pairs = _count(slots.valid)
     fallback = tf.where(has_negative, farthest, -1)
     chosen = tf.boolean_mask(tf.where(found, semihard, fallback[:, None]), slots.valid)
-    return TripletTerms(tf.reduce_sum(losses), num_pairs, _count(losses > 0.0), num_pairs, chosen)
+    return TripletTerms(
+        tf.reduce_sum(losses),
+        num_pairs,
+        _count(losses > 0.0),
+        num_pairs,
+        chosen,
+        _observed(positive_d, slots.valid),
+        _observed(negative_d, slots.valid & (fallback[:, None] >= 0)),
+    )
 
 
 def hard_terms(
@@ -144,7 +161,13 @@ def hard_terms(
     num_anchors = tf.cast(tf.shape(distances)[0], tf.float32)
     chosen = tf.where(has_negative, negative, -1)
     return TripletTerms(
-        tf.reduce_sum(losses), num_anchors, _count(losses > 0.0), num_anchors, chosen
+        tf.reduce_sum(losses),
+        num_anchors,
+        _count(losses > 0.0),
+        num_anchors,
+        chosen,
+        _observed(positive_d, has_positive),
+        _observed(chosen_d[:, 1], has_negative),
     )
 
 
@@ -189,7 +212,15 @@ def batch_all_terms(
     num_triplets = tf.reduce_sum(tf.where(slots.valid, num_negatives, 0.0))
     count = num_active if reduction == "nonzero" else num_triplets
     no_single_negative = tf.zeros([0], tf.int32)
-    return TripletTerms(tf.reduce_sum(losses), count, num_active, num_triplets, no_single_negative)
+    return TripletTerms(
+        tf.reduce_sum(losses),
+        count,
+        num_active,
+        num_triplets,
+        no_single_negative,
+        _observed(thresholds - margin, slots.valid),
+        _observed(distances, masks.negative),
+    )
 
 
 def whole_batch(labels, embeddings):

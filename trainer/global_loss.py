@@ -33,30 +33,44 @@ STATS = (
     "chosen_negatives",  # terms that chose a negative
     "norm_sum",  # sum of embedding L2 norms
     "rows",  # examples
+    "positive_distance_sum",  # anchor-positive distances of the terms
+    "positive_pairs",
+    "negative_distance_sum",  # anchor-negative distances of the chosen negatives
+    "negative_pairs",
 )
 
 
 class StepResult(NamedTuple):
-    """One replica's gradients (their sum over replicas is the global gradient) and the
-    global metrics (identical on every replica)."""
+    """One replica's gradients (their sum over replicas is the global gradient), the
+    global metrics (identical on every replica) and this replica's own terms."""
 
     grads: list
     loss: tf.Tensor
     stats: dict
+    terms: object  # losses.TripletTerms of this replica's anchors
 
 
 def loss_and_gradients(
-    loss, replicas: Replicas, embed, variables, inputs, labels, cross_replica_mining=True
+    loss,
+    replicas: Replicas,
+    embed,
+    variables,
+    inputs,
+    labels,
+    cross_replica_mining=True,
+    scale_loss=None,
 ) -> StepResult:
     """Runs inside `Replicas.run`: embeds this replica's slice, mines, differentiates.
 
     `loss` is one of the Keras loss classes of `losses` (it provides `terms`); `embed`
-    maps inputs to embeddings (the model in training mode).
+    maps inputs to embeddings (the model in training mode). `scale_loss` (mixed float16:
+    the loss-scale optimizer's) scales what is differentiated; the optimizer unscales.
     """
     with tf.GradientTape() as tape:
         embeddings = tf.cast(embed(inputs), tf.float32)  # mining is float32 anyway
         terms, owner, me = _mine(loss, replicas, embeddings, labels, cross_replica_mining)
-    grads = tape.gradient(terms.loss_sum, variables)
+        target = terms.loss_sum if scale_loss is None else scale_loss(terms.loss_sum)
+    grads = tape.gradient(target, variables)
     chosen = terms.negative_index[terms.negative_index >= 0]
     local = {
         "loss_sum": terms.loss_sum,
@@ -68,6 +82,10 @@ def loss_and_gradients(
         "chosen_negatives": tf.cast(tf.size(chosen), tf.float32),
         "norm_sum": tf.reduce_sum(tf.norm(embeddings, axis=1)),
         "rows": tf.cast(tf.shape(embeddings)[0], tf.float32),
+        "positive_distance_sum": tf.reduce_sum(terms.positive_distances),
+        "positive_pairs": tf.cast(tf.size(terms.positive_distances), tf.float32),
+        "negative_distance_sum": tf.reduce_sum(terms.negative_distances),
+        "negative_pairs": tf.cast(tf.size(terms.negative_distances), tf.float32),
     }
     summed = tf.unstack(replicas.all_reduce_sum(tf.stack([local[k] for k in STATS])))
     stats = dict(zip(STATS, summed, strict=True))
@@ -78,7 +96,7 @@ def loss_and_gradients(
     # A zero normalizer means every term is 0, and so is every gradient: divide by 1.
     normalizer = tf.maximum(normalizer, 1.0)
     grads = [None if g is None else g / tf.cast(normalizer, g.dtype) for g in grads]
-    return StepResult(grads=grads, loss=value, stats=stats)
+    return StepResult(grads=grads, loss=value, stats=stats, terms=terms)
 
 
 def _mine(loss, replicas: Replicas, embeddings, labels, cross_replica_mining):

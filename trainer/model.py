@@ -1,22 +1,137 @@
-"""Embedding models: a small conv net for the embedded digits job."""
+"""Embedding models: a small conv net for digits, keras.applications backbones for images.
+
+Every model maps images to L2-normalized embeddings. None uses BatchNorm unless asked:
+unsynchronized BatchNorm would make the loss depend on how the batch is split
+(see `sync_batchnorm` for the synchronized kind).
+"""
 
 from __future__ import annotations
 
+import glob
+import os
+
+import gin
 import keras
+import tensorflow as tf
+
+# keras.applications constructor and preprocessing module per supported backbone, and the
+# file name pattern of its ImageNet weights (no top) in the Keras cache.
+BACKBONES = {
+    "ResNet50": ("resnet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "EfficientNetV2B0": ("efficientnet_v2", "efficientnetv2-b0_notop.h5"),
+    "EfficientNetV2S": ("efficientnet_v2", "efficientnetv2-s_notop.h5"),
+    "MobileNetV3Small": ("mobilenet_v3", "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+    "MobileNetV3Large": ("mobilenet_v3", "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
+}
 
 
-def digits_model(embedding_dim: int = 32, width: int = 32) -> keras.Model:
-    """Conv net for 8×8 digits -> L2-normalized embedding (no BatchNorm: replica-exact)."""
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
-            keras.layers.Conv2D(2 * width, 3, padding="same", activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(2 * width, 3, padding="same", activation="relu"),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(embedding_dim),
-            keras.layers.UnitNormalization(),
-        ],
-        name="digits_embedding",
+@gin.configurable
+def digits_convnet(width: int = 64, embedding_dim: int | None = None) -> keras.Model:
+    """Two 3×3 conv layers on the 8×8 digit, flattened, L2-normalized.
+
+    Keeping the spatial layout (no pooling) and, by default, no projection head is what
+    lets the embedding carry over to digit classes it never saw; `embedding_dim` adds a
+    dense projection.
+    """
+    layers = [
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
+        keras.layers.Flatten(),
+    ]
+    if embedding_dim:
+        layers.append(keras.layers.Dense(embedding_dim))
+    layers.append(keras.layers.UnitNormalization())
+    return keras.Sequential(layers, name="digits_embedding")
+
+
+def imagenet_weights(backbone: str) -> str:
+    """Path of the backbone's ImageNet weights in the Keras cache; a clear error if absent."""
+    pattern = BACKBONES[backbone][1]
+    cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+    found = glob.glob(os.path.join(cache, pattern))
+    if not found:
+        raise FileNotFoundError(
+            f"ImageNet weights for {backbone} are not in {cache} (expected {pattern}). "
+            "Training nodes often have no internet: on a machine that has, run "
+            f"`python -c 'import keras; keras.applications.{backbone}(include_top=False)'` "
+            f"and copy {os.path.join(cache, pattern)} here, or set "
+            "backbone_embedding.weights=None to train from scratch."
+        )
+    return found[0]
+
+
+@gin.configurable
+def backbone_embedding(
+    backbone: str = "ResNet50",
+    embedding_dim: int = 128,
+    image_size: int = 224,
+    weights: str | None = "imagenet",
+) -> keras.Model:
+    """A keras.applications backbone (global average pooled) plus a dense, L2-normalized head.
+
+    Inputs are RGB images in [0, 255]; the backbone's own preprocessing is part of the
+    model, so the exported SavedModel takes raw pixels. `weights`: "imagenet" (from the
+    local Keras cache only, never downloaded), a path to a weights file, or None.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(
+            f"Unknown backbone_embedding.backbone {backbone!r}; valid values are "
+            f"{tuple(BACKBONES)}."
+        )
+    module = getattr(keras.applications, BACKBONES[backbone][0])
+    constructor = getattr(keras.applications, backbone)
+    path = imagenet_weights(backbone) if weights == "imagenet" else weights
+    if path is not None and not os.path.exists(path):
+        raise FileNotFoundError(f"backbone_embedding.weights file {path!r} does not exist.")
+    base = constructor(
+        include_top=False, weights=None, input_shape=(image_size, image_size, 3), pooling="avg"
     )
+    if path is not None:
+        base.load_weights(path)
+    inputs = keras.Input((image_size, image_size, 3))
+    features = base(module.preprocess_input(inputs))
+    head = keras.layers.Dense(embedding_dim, dtype="float32", name="embedding")(features)
+    outputs = keras.layers.UnitNormalization(dtype="float32")(head)
+    return keras.Model(inputs, outputs, name=f"{backbone}_embedding")
+
+
+def sync_batchnorm(model: keras.Model, replicas) -> int:
+    """Makes every BatchNormalization layer compute its batch moments over all replicas.
+
+    The moments come from one summing all-reduce of (sum, sum of squares, count) through
+    the replica abstraction, so it works on every backend and keeps the loss independent
+    of how the global batch is split. Returns the number of layers changed.
+    """
+    changed = 0
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer._moments = _global_moments(layer, replicas)
+            changed += 1
+    return changed
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _global_moments(layer, replicas):
+    def moments(inputs, mask):
+        if mask is not None:
+            raise ValueError(f"Synchronized BatchNorm ({layer.name}) does not support masks.")
+        x = tf.cast(inputs, tf.float32)
+        axes = layer._reduction_axes
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+        local = tf.concat(
+            [tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), count[None]], axis=0
+        )
+        total = replicas.all_reduce_sum(local)
+        channels = (tf.shape(total)[0] - 1) // 2
+        mean = total[:channels] / total[-1]
+        variance = tf.maximum(total[channels:-1] / total[-1] - tf.square(mean), 0.0)
+        return tf.cast(mean, inputs.dtype), tf.cast(variance, inputs.dtype)
+
+    return moments

@@ -16,6 +16,7 @@ import json
 import os
 
 import gin
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -79,9 +80,31 @@ class Replicas:
         return contextlib.nullcontext()
 
     # --- outside the step ---------------------------------------------------------
+    @property
+    def local_replicas(self) -> int:
+        """Replicas driven by this process."""
+        return 1
+
+    @property
+    def first_local_replica(self) -> int:
+        return self.rank * self.local_replicas
+
+    def process_rows(self, global_size: int) -> tuple[int, int]:
+        """The contiguous rows [start, end) of a global batch that this process reads."""
+        bounds = slice_bounds(global_size, self.size)
+        first = self.first_local_replica
+        return bounds[first][0], bounds[first + self.local_replicas - 1][1]
+
+    def distribute(self, *local_arrays, global_size: int | None = None):
+        """This process's rows (`process_rows(global_size)`) split among its local
+        replicas, ready for `run`. `global_size` defaults to rows × processes."""
+        return tuple(tf.convert_to_tensor(a) for a in local_arrays)
+
     def split(self, *global_arrays):
         """Each replica's contiguous slice of the global batch, ready for `run`."""
-        return global_arrays
+        start, end = self.process_rows(len(global_arrays[0]))
+        local = (np.asarray(a)[start:end] for a in global_arrays)
+        return self.distribute(*local, global_size=len(global_arrays[0]))
 
     def run(self, fn, args=()):
         """Runs `fn(*args)` once per local replica (args come from `split`)."""
@@ -93,6 +116,10 @@ class Replicas:
 
     def broadcast_variables(self, variables) -> None:
         """Makes every replica start from the chief's weights."""
+
+    def agree(self, value):
+        """The chief's `value` (a picklable object) on every process."""
+        return value
 
     # --- inside the step ------------------------------------------------------------
     def replica_index(self) -> tf.Tensor:
@@ -134,13 +161,20 @@ class MirroredReplicas(Replicas):
     def scope(self):
         return self.strategy.scope()
 
-    def split(self, *global_arrays):
-        global_arrays = [np.asarray(a) for a in global_arrays]
-        bounds = slice_bounds(len(global_arrays[0]), self.size)
+    @property
+    def local_replicas(self) -> int:
+        return len(self.strategy.extended.worker_devices)
+
+    def distribute(self, *local_arrays, global_size=None):
+        local_arrays = [tf.convert_to_tensor(a) for a in local_arrays]
+        if global_size is None:
+            global_size = int(local_arrays[0].shape[0]) * self.size // self.local_replicas
+        bounds = slice_bounds(global_size, self.size)
+        offset = bounds[self.first_local_replica][0]
 
         def part(ctx):
             start, end = bounds[ctx.replica_id_in_sync_group]
-            return tuple(tf.constant(a[start:end]) for a in global_arrays)
+            return tuple(a[start - offset : end - offset] for a in local_arrays)
 
         return self.strategy.experimental_distribute_values_from_function(part)
 
@@ -187,13 +221,13 @@ class HorovodReplicas(Replicas):
     def rank(self) -> int:
         return self.hvd.rank()
 
-    def split(self, *global_arrays):
-        start, end = slice_bounds(len(global_arrays[0]), self.size)[self.rank]
-        return tuple(tf.constant(np.asarray(a)[start:end]) for a in global_arrays)
-
     def broadcast_variables(self, variables) -> None:
         # Keras 3 variables lack `.ref()`; Horovod needs the underlying tf.Variables.
-        self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
+        plain = [v.value if isinstance(v, keras.Variable) else v for v in variables]
+        self.hvd.broadcast_variables(plain, root_rank=0)
+
+    def agree(self, value):
+        return self.hvd.broadcast_object(value, root_rank=0)
 
     def replica_index(self):
         return tf.constant(self.rank)

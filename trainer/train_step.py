@@ -9,14 +9,24 @@ import tensorflow as tf
 from trainer.global_loss import loss_and_gradients
 from trainer.replicas import Replicas
 
+METRICS = (
+    "loss",  # the global-batch loss
+    "active_triplet_fraction",  # terms with a positive loss
+    "positive_distance",  # mean anchor-positive distance of the terms
+    "negative_distance",  # mean anchor-negative distance of the chosen negatives
+    "embedding_norm",  # mean L2 norm of the embeddings
+    "cross_replica_negative_fraction",  # chosen negatives owned by another replica
+    "finite_gradients",  # 1 when every gradient entry is finite
+)
+
 
 class TrainStep:
-    """Compiled train step on any backend; returns global metrics as Python floats.
+    """Compiled train step on any backend; returns the global metrics as Python floats.
 
-    Metrics: `loss` (the global-batch loss), `active_triplet_fraction` (terms with a
-    positive loss), `embedding_norm` (mean L2 norm), and
-    `cross_replica_negative_fraction` (share of the chosen negatives that another
-    replica owns: what global mining buys; 0 with `cross_replica_mining=False`).
+    `cross_replica_negative_fraction` is what global mining buys: the share of the chosen
+    negatives that another replica owns (0 with `cross_replica_mining=False`). The
+    anchor-positive and anchor-negative distances of the first local replica's terms
+    are kept in `last_distances` for histograms.
     """
 
     def __init__(
@@ -32,7 +42,13 @@ class TrainStep:
         self.cross_replica_mining = cross_replica_mining
         with replicas.scope():
             optimizer.build(model.trainable_variables)
+        self._scale_loss = (
+            optimizer.scale_loss
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+            else None
+        )
         self._compiled = tf.function(self._replica_step)
+        self.last_distances = {}
 
     def _replica_step(self, images, labels):
         variables = self.model.trainable_variables
@@ -44,26 +60,40 @@ class TrainStep:
             images,
             labels,
             self.cross_replica_mining,
+            self._scale_loss,
+        )
+        finite = tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in result.grads if g is not None]
         )
         self.replicas.apply_gradients(self.optimizer, result.grads, variables)
         s = result.stats
-        return tf.stack(
+        metrics = tf.stack(
             [
                 result.loss,
                 tf.math.divide_no_nan(s["active"], s["terms"]),
+                tf.math.divide_no_nan(s["positive_distance_sum"], s["positive_pairs"]),
+                tf.math.divide_no_nan(s["negative_distance_sum"], s["negative_pairs"]),
                 tf.math.divide_no_nan(s["norm_sum"], s["rows"]),
                 tf.math.divide_no_nan(s["remote_negatives"], s["chosen_negatives"]),
+                tf.cast(finite, tf.float32),
             ]
         )
+        return metrics, result.terms.positive_distances, result.terms.negative_distances
+
+    def run_local(self, images, labels, global_size: int | None = None) -> dict:
+        """One step on this process's rows of the global batch (see `Replicas.process_rows`)."""
+        distributed = self.replicas.distribute(images, labels, global_size=global_size)
+        metrics, positive, negative = self.replicas.run(self._compiled, distributed)
+        first = lambda v: self.replicas.local_results(v)[0]  # noqa: E731
+        self.last_distances = {"positive": first(positive), "negative": first(negative)}
+        values = np.asarray(first(metrics), np.float64).tolist()
+        return dict(zip(METRICS, values, strict=True))
 
     def __call__(self, global_images, global_labels) -> dict:
-        """Runs one step on the global batch (each replica takes its slice)."""
-        out = self.replicas.run(self._compiled, self.replicas.split(global_images, global_labels))
-        values = np.asarray(self.replicas.local_results(out)[0], np.float64)
-        names = (
-            "loss",
-            "active_triplet_fraction",
-            "embedding_norm",
-            "cross_replica_negative_fraction",
+        """One step on the global batch (each process reads its rows, each replica its slice)."""
+        start, end = self.replicas.process_rows(len(global_labels))
+        return self.run_local(
+            np.asarray(global_images)[start:end],
+            np.asarray(global_labels)[start:end],
+            global_size=len(global_labels),
         )
-        return dict(zip(names, values.tolist(), strict=True))

@@ -1,0 +1,55 @@
+"""The class-balanced P×K sampler: P classes, K examples of each, per global batch.
+
+The global batch of step s depends on (seed, s) alone: it is drawn from a generator
+seeded with both, so it is the same set of examples, in the same order, whatever the
+number of replicas or the backend (each replica then takes its contiguous slice), and
+a job resumed at step s draws exactly the batch it would have drawn. The sampler's
+position is therefore the step counter, which the checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class PKSampler:
+    """Draws global batches of `classes_per_batch` × `examples_per_class` indices.
+
+    Classes with fewer than K examples are left out (they cannot fill K distinct
+    slots); a batch is laid out class by class, K consecutive rows each.
+    """
+
+    def __init__(self, labels, classes_per_batch: int, examples_per_class: int, seed: int):
+        labels = np.asarray(labels)
+        if classes_per_batch < 1 or examples_per_class < 1:
+            raise ValueError(
+                f"A P×K batch needs P >= 1 and K >= 1, got P={classes_per_batch}, "
+                f"K={examples_per_class}."
+            )
+        classes, counts = np.unique(labels, return_counts=True)
+        eligible = classes[counts >= examples_per_class]
+        if len(eligible) < classes_per_batch:
+            raise ValueError(
+                f"The P×K batch needs {classes_per_batch} classes with at least "
+                f"{examples_per_class} examples each, but the training data has "
+                f"{len(eligible)} such classes ({len(classes)} classes, the smallest with "
+                f"{counts.min()} examples). Lower train.global_batch_size or "
+                "pk_sampler.examples_per_class."
+            )
+        self.classes_per_batch = classes_per_batch
+        self.examples_per_class = examples_per_class
+        self.seed = seed
+        self.skipped_classes = len(classes) - len(eligible)
+        self._members = [np.flatnonzero(labels == c) for c in eligible]
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.classes_per_batch * self.examples_per_class
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """Indices (int64, P·K) of the examples of global batch `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        picked = rng.choice(len(self._members), self.classes_per_batch, replace=False)
+        return np.concatenate(
+            [rng.choice(self._members[c], self.examples_per_class, replace=False) for c in picked]
+        ).astype(np.int64)

@@ -1,0 +1,138 @@
+"""Labelled datasets the P×K sampler indexes: digits, image folders, TFRecords.
+
+A `Source` holds one entry per example, in a fixed order: the pixels themselves
+(digits), a file path (image folders) or the encoded image bytes (TFRecords), with
+its integer label. The sampler picks indices, so each replica decodes only the rows
+of its own slice.
+
+Class selection is the same everywhere: `classes=(start, stop)` keeps the classes at
+positions [start, stop) of the sorted list of class names (folder names, or label
+values), the usual metric-learning split (e.g. CUB-200-2011: (0, 100) to train,
+(100, 200) to evaluate). Labels are those positions, so a class keeps its label in
+any split.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import NamedTuple
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+class Source(NamedTuple):
+    """One dataset split: `items[i]` has label `labels[i]`."""
+
+    name: str
+    items: np.ndarray  # float32 pixels (N, H, W, C), or (N,) paths / encoded bytes
+    labels: np.ndarray  # int32 (N,)
+    kind: str  # "pixels", "file" or "encoded"
+    class_names: tuple
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(np.unique(self.labels))
+
+
+def select_classes(names, classes, what: str) -> list[int]:
+    """Positions [start, stop) of the sorted `names`; a clear error when out of range."""
+    if classes is None:
+        return list(range(len(names)))
+    start, stop = classes
+    if not 0 <= start < stop <= len(names):
+        raise ValueError(
+            f"classes={tuple(classes)} is not a range within the {len(names)} classes of "
+            f"{what} (positions 0..{len(names)})."
+        )
+    return list(range(start, stop))
+
+
+@gin.configurable
+def digits(classes=(0, 6)) -> Source:
+    """scikit-learn's 8×8 digits (1797 images, shipped with the library, no download).
+
+    The default protocol trains on classes 0-5 and evaluates retrieval on 6-9.
+    """
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    names = [str(c) for c in range(10)]
+    keep = np.isin(labels, select_classes(names, classes, "digits"))
+    pixels = (images[keep] / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+    return Source(
+        f"digits{tuple(classes)}", pixels, labels[keep].astype(np.int32), "pixels", tuple(names)
+    )
+
+
+@gin.configurable
+def image_folder(root=gin.REQUIRED, classes=None) -> Source:
+    """One subfolder per class (CUB-200-2011, Cars196, SOP, face sets), sorted by name."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image_folder.root {root!r} is not a folder.")
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not names:
+        raise ValueError(f"image_folder.root {root!r} has no class subfolders.")
+    paths, labels = [], []
+    for position in select_classes(names, classes, f"image folder {root!r}"):
+        folder = os.path.join(root, names[position])
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise ValueError(
+                f"Class folder {folder!r} holds no images (extensions {IMAGE_EXTENSIONS})."
+            )
+        paths += [os.path.join(folder, f) for f in files]
+        labels += [position] * len(files)
+    return Source(
+        f"image_folder({root})",
+        np.array(paths, dtype=object),
+        np.array(labels, np.int32),
+        "file",
+        tuple(names),
+    )
+
+
+@gin.configurable
+def tfrecord(
+    pattern=gin.REQUIRED,
+    classes=None,
+    image_key="image/encoded",
+    label_key="image/class/label",
+) -> Source:
+    """TFRecord files of tf.train.Examples with an encoded image and an integer label.
+
+    The encoded images are read into memory once (a few GB at most for the usual
+    retrieval sets), so the sampler can index them like files.
+    """
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"tfrecord.pattern {pattern!r} matches no file.")
+    spec = {
+        image_key: tf.io.FixedLenFeature([], tf.string),
+        label_key: tf.io.FixedLenFeature([], tf.int64),
+    }
+    encoded, values = [], []
+    for record in tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, spec)):
+        encoded.append(record[image_key].numpy())
+        values.append(int(record[label_key]))
+    if not values:
+        raise ValueError(f"tfrecord.pattern {pattern!r}: the files hold no records.")
+    values = np.array(values)
+    names = np.unique(values)
+    keep_positions = select_classes(names, classes, f"TFRecords {pattern!r}")
+    position = np.searchsorted(names, values)
+    keep = np.isin(position, keep_positions)
+    return Source(
+        f"tfrecord({pattern})",
+        np.array(encoded, dtype=object)[keep],
+        position[keep].astype(np.int32),
+        "encoded",
+        tuple(str(n) for n in names),
+    )

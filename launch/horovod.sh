@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Horovod (Gloo) workers running python -m trainer.main; extra arguments go to it.
+#
+#   launch/horovod.sh 8 --gin_file=cub200 ...            8 workers on this machine
+#   launch/horovod.sh hosts.txt --gin_file=cub200 ...    workers on the hosts listed in a
+#                                                        hosts file, "host slots=N" per line
+#                                                        (passwordless ssh between them)
+# One worker per GPU; on a CPU-only machine the workers share the cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $# -lt 1 ]]; then
+  echo "usage: launch/horovod.sh N|HOSTFILE [trainer.main flags...]" >&2
+  exit 2
+fi
+target=$1; shift
+# Every worker must name the same default workdir.
+export METRIC_TRAINER_RUN_ID=${METRIC_TRAINER_RUN_ID:-$(date +%Y%m%d-%H%M%S)}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+VENV=${VENV:-.venv}
+if [[ $target =~ ^[0-9]+$ ]]; then
+  hosts=(-np "$target" -H "localhost:$target")
+elif [[ -f $target ]]; then
+  slots=$(awk '{n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) n = substr($i, 7); s += n} END {print s}' "$target")
+  hosts=(-np "$slots" --hostfile "$target")
+else
+  echo "launch/horovod.sh: $target is neither a worker count nor a hosts file" >&2
+  exit 2
+fi
+if [[ -z ${CUDA_VISIBLE_DEVICES+x} ]] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  # CPU only: give each worker its share of the cores instead of all of them each.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ( $(nproc) + ${hosts[1]} - 1 ) / ${hosts[1]} ))}
+fi
+exec "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "$VENV/bin/python" -m trainer.main "$@"

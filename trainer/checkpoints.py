@@ -1,0 +1,46 @@
+"""Checkpoints of the model, optimizer and step (the sampler's position), via CheckpointManager.
+
+Only the chief writes. On start every worker restores the latest checkpoint it can see,
+then the chief's values are broadcast to all (`Replicas.broadcast_variables`), so
+workers without the shared workdir still resume with the same weights. TensorFlow
+writes a checkpoint's files first and the `checkpoint` index last (atomically), so a
+run killed mid-save resumes from the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+
+class Checkpoints:
+    def __init__(self, directory: str, replicas, keep: int, **trackables):
+        self.replicas = replicas
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.checkpoint = tf.train.Checkpoint(step=self.step, **trackables)
+        self.directory = directory
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
+
+    def restore(self, variables) -> int:
+        """Restores the latest checkpoint (if any) everywhere; returns the step to start at.
+
+        `variables` (model and optimizer) are then broadcast from the chief, with the step.
+        """
+        latest = self.manager.latest_checkpoint
+        if latest is not None:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        self.replicas.broadcast_variables([*variables, self.step])
+        return int(self.step.numpy())
+
+    @property
+    def latest(self) -> str | None:
+        return self.manager.latest_checkpoint
+
+    def save(self, step: int) -> str | None:
+        """Writes a checkpoint at `step` (chief only); returns its path."""
+        self.step.assign(step)
+        if not self.replicas.is_chief:
+            return None
+        os.makedirs(self.directory, exist_ok=True)
+        return self.manager.save(checkpoint_number=step)

@@ -1,0 +1,17 @@
+"""Registers every gin configurable the job can name, so a config can use them.
+
+The losses stay free of gin (losses/ imports TensorFlow and Keras only); they are
+registered here by class name, as `@TripletSemiHardLoss()` etc. in configs.
+"""
+
+import gin
+
+import data.pipeline  # noqa: F401  (images.*, pixels.*)
+import data.sources  # noqa: F401  (digits, image_folder, tfrecord)
+import trainer.loop  # noqa: F401  (train.*, learning_rate_schedule.*)
+import trainer.model  # noqa: F401  (digits_convnet, backbone_embedding)
+import trainer.replicas  # noqa: F401  (distribute.*)
+from losses import TripletBatchAllLoss, TripletHardLoss, TripletLoss, TripletSemiHardLoss
+
+for _loss in (TripletSemiHardLoss, TripletHardLoss, TripletBatchAllLoss, TripletLoss):
+    gin.external_configurable(_loss)

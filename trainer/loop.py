@@ -1,0 +1,283 @@
+"""The training job: data, model, optimizer, checkpoints, the step loop, evaluation, export.
+
+Every public knob is a `train.*` gin binding (see gin/base.gin). The loop runs on the
+replica abstraction and never branches on the backend; the chief alone prints progress,
+writes TensorBoard and checkpoints and exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import gin
+import keras
+import numpy as np
+
+from data.pipeline import train_batches
+from data.sampler import PKSampler
+from data.sources import digits
+from losses import TripletSemiHardLoss
+from trainer import export
+from trainer.checkpoints import Checkpoints
+from trainer.evaluation import embed_source, embedding_function, retrieval_metrics
+from trainer.model import digits_convnet, sync_batchnorm
+from trainer.summaries import Summaries
+from trainer.train_step import TrainStep
+
+OPTIMIZERS = {
+    "adam": keras.optimizers.Adam,
+    "adamw": keras.optimizers.AdamW,
+    "sgd": keras.optimizers.SGD,
+}
+PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
+
+
+@gin.configurable
+def learning_rate_schedule(
+    base_rate: float, steps: int, warmup_steps: int = 20, decay: str = "cosine"
+):
+    """Linear warm-up to `base_rate`, then cosine decay to 0 at `steps` (or constant)."""
+    if decay not in ("cosine", "constant"):
+        raise ValueError(
+            f"Unknown learning_rate_schedule.decay {decay!r}; use 'cosine' or 'constant'."
+        )
+    warmup_steps = min(warmup_steps, max(steps - 1, 0))
+    if decay == "constant":
+        if not warmup_steps:
+            return base_rate
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            [warmup_steps], [base_rate / 2, base_rate]
+        )
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup_steps else base_rate,
+        max(steps - warmup_steps, 1),
+        warmup_target=base_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@gin.configurable("train", denylist=["workdir", "replicas"])
+def train(
+    workdir: str,
+    replicas,
+    steps: int = 200,
+    global_batch_size: int = 96,
+    seed: int = 0,
+    log_every: int = 10,
+    checkpoint_every: int = 50,
+    eval_every: int = 50,
+    loss=None,
+    cross_replica_mining: bool = True,
+    examples_per_class: int = 16,
+    train_data=None,
+    eval_data=None,
+    model=digits_convnet,
+    optimizer: str = "adam",
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.0,
+    scale_learning_rate: bool = False,
+    precision: str | None = None,
+    synchronized_batchnorm: bool = False,
+    recall_k: int = 4,
+    eval_chunk_size: int = 512,
+    keep_checkpoints: int = 3,
+    progress_seconds: float = 10.0,
+    export_model: bool = True,
+) -> dict:
+    """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
+
+    Defaults are the embedded digits job: train on classes 0-5, evaluate on 6-9.
+    """
+    started = time.time()
+    chief = replicas.is_chief
+    say = print if chief else (lambda *a, **k: None)
+    _check(steps >= 1, f"train.steps must be >= 1, got {steps}.")
+    for name, value in (
+        ("log_every", log_every),
+        ("checkpoint_every", checkpoint_every),
+        ("eval_every", eval_every),
+    ):
+        _check(value >= 1, f"train.{name} must be >= 1, got {value}.")
+    _check(
+        global_batch_size % replicas.size == 0,
+        f"train.global_batch_size={global_batch_size} is not divisible by the "
+        f"{replicas.size} replicas; each replica must hold the same number of rows.",
+    )
+    _check(
+        global_batch_size % examples_per_class == 0,
+        f"train.global_batch_size={global_batch_size} is not a multiple of "
+        f"train.examples_per_class={examples_per_class} (the P×K batch needs P = B / K).",
+    )
+    _check(
+        optimizer in OPTIMIZERS,
+        f"Unknown train.optimizer {optimizer!r}; valid: {tuple(OPTIMIZERS)}.",
+    )
+    _check(precision in PRECISIONS, f"Unknown train.precision {precision!r}; valid: {PRECISIONS}.")
+    loss = loss if loss is not None else TripletSemiHardLoss(margin=0.2, distance="cosine")
+
+    train_source = (train_data or (lambda: digits(classes=(0, 6))))()
+    eval_source = (eval_data or (lambda: digits(classes=(6, 10))))()
+    sampler = PKSampler(
+        train_source.labels, global_batch_size // examples_per_class, examples_per_class, seed
+    )
+    say(
+        f"data: train {train_source.name}: {len(train_source)} examples, "
+        f"{train_source.num_classes} classes; eval {eval_source.name}: {len(eval_source)} "
+        f"examples, {eval_source.num_classes} classes"
+    )
+    if sampler.skipped_classes:
+        say(
+            f"  {sampler.skipped_classes} classes have fewer than {examples_per_class} examples "
+            "and are never sampled"
+        )
+
+    keras.mixed_precision.set_global_policy(precision or "float32")
+    keras.utils.set_random_seed(seed)
+    base_rate = learning_rate * (replicas.size if scale_learning_rate else 1)
+    with replicas.scope():
+        embedding_model = model()
+        if synchronized_batchnorm:
+            say(f"synchronized BatchNorm in {sync_batchnorm(embedding_model, replicas)} layers")
+        opt = OPTIMIZERS[optimizer](
+            learning_rate=learning_rate_schedule(base_rate, steps),
+            **({"weight_decay": weight_decay} if weight_decay else {}),
+        )
+        if precision == "mixed_float16":
+            opt = keras.optimizers.LossScaleOptimizer(opt)
+    step_fn = TrainStep(embedding_model, opt, loss, replicas, cross_replica_mining)
+    checkpoints = Checkpoints(
+        os.path.join(workdir, "checkpoints"),
+        replicas,
+        keep_checkpoints,
+        model=embedding_model,
+        optimizer=opt,
+    )
+    first_step = checkpoints.restore([*embedding_model.variables, *opt.variables])
+    summaries = Summaries(workdir, enabled=chief)
+    evaluate = Evaluator(
+        embedding_model,
+        replicas,
+        eval_source,
+        loss.distance,
+        recall_k,
+        eval_chunk_size,
+        summaries,
+        say,
+    )
+    if chief:
+        operative = gin.operative_config_str()
+        with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
+            f.write(operative)
+        summaries.text("config/operative_config", "```\n" + operative + "\n```", first_step)
+    say(
+        f"replicas: {replicas.size} ({replicas.name}), global batch {global_batch_size} = "
+        f"{sampler.classes_per_batch} classes × {examples_per_class}, "
+        f"{'global' if cross_replica_mining else 'per-replica'} mining, "
+        f"{embedding_model.count_params():,} parameters"
+    )
+    if first_step:
+        say(f"resumed from {checkpoints.latest} at step {first_step}")
+    if first_step >= steps:
+        say(f"already trained to step {first_step} >= train.steps={steps}")
+
+    rows = replicas.process_rows(global_batch_size)
+    batches = train_batches(train_source, sampler, rows, first_step, steps)
+    last_print = window_start = time.time()
+    window_steps, results = 0, {}
+    for step, (images, labels) in zip(range(first_step + 1, steps + 1), batches, strict=True):
+        metrics = step_fn.run_local(images, labels, global_size=global_batch_size)
+        window_steps += 1
+        if not np.isfinite(metrics["loss"]) or not metrics["finite_gradients"]:
+            raise FloatingPointError(
+                f"Non-finite loss or gradient at step {step} (loss {metrics['loss']}); "
+                f"last good checkpoint: {checkpoints.latest or 'none'}."
+            )
+        now = time.time()
+        rate = window_steps * global_batch_size / max(now - window_start, 1e-9)
+        if step % log_every == 0 or step == steps:
+            metrics["learning_rate"] = float(keras.ops.convert_to_numpy(opt.learning_rate))
+            metrics["examples_per_second"] = rate
+            summaries.scalars(
+                step, {f"train/{k}": v for k, v in metrics.items() if k != "finite_gradients"}
+            )
+            summaries.histograms(
+                step, {f"train/{k}_distances": v for k, v in step_fn.last_distances.items()}
+            )
+        if now - last_print >= progress_seconds or step == steps or step == first_step + 1:
+            left = (steps - step) * global_batch_size / max(rate, 1e-9)
+            pace = (
+                "(includes compiling)"
+                if step == first_step + 1
+                else f"{rate:,.0f} examples/s  {_duration(left)} left"
+            )
+            say(
+                f"step {step:>6}/{steps}  loss {metrics['loss']:.4f}  "
+                f"active {metrics['active_triplet_fraction']:.3f}  "
+                f"remote negatives {metrics['cross_replica_negative_fraction']:.2f}  {pace}",
+                flush=True,
+            )
+            last_print, window_start, window_steps = now, now, 0
+        if step % checkpoint_every == 0 or step == steps:
+            checkpoints.save(step)
+        if step % eval_every == 0 or step == steps:
+            results, embeddings = evaluate(step)
+    if not results:
+        results, embeddings = evaluate(max(first_step, steps))
+    summaries.flush()
+    if chief:
+        _write_outputs(workdir, embedding_model, embeddings, eval_source, results, export_model)
+    say(_final_summary(workdir, results, time.time() - started, export_model))
+    return results
+
+
+class Evaluator:
+    """Embeds the eval set on all replicas, computes retrieval metrics, logs them."""
+
+    def __init__(self, model, replicas, source, distance, recall_k, chunk_size, summaries, say):
+        self.embed = embedding_function(model, replicas)
+        self.replicas, self.source, self.distance = replicas, source, distance
+        self.ks = sorted({1, recall_k})
+        self.chunk_size, self.summaries, self.say = chunk_size, summaries, say
+
+    def __call__(self, step: int):
+        embeddings = embed_source(self.embed, self.replicas, self.source, self.chunk_size)
+        metrics = retrieval_metrics(embeddings, self.source.labels, self.ks, self.distance)
+        self.summaries.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        figures = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.say(f"eval at step {step}: {figures}", flush=True)
+        return metrics, embeddings
+
+
+def _write_outputs(workdir, model, embeddings, eval_source, results, export_model):
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    export.projector(workdir, embeddings, eval_source)
+    if export_model:
+        export.saved_model(model, os.path.join(workdir, "saved_model"))
+
+
+def _final_summary(workdir, results, seconds, export_model) -> str:
+    figures = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
+    lines = [
+        f"done in {_duration(seconds)}: {figures}",
+        f"  workdir      {workdir}",
+        f"  tensorboard  tensorboard --logdir {workdir}",
+        f"  checkpoints  {os.path.join(workdir, 'checkpoints')}",
+        f"  results      {os.path.join(workdir, 'results.json')}",
+        f"  projector    {os.path.join(workdir, 'projector')} (TensorBoard's Projector tab)",
+    ]
+    if export_model:
+        lines.append(f"  saved model  {os.path.join(workdir, 'saved_model')}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from data.errors import InputError
+
 
 class PKSampler:
     """Draws global batches of `classes_per_batch` × `examples_per_class` indices.
@@ -22,19 +24,19 @@ class PKSampler:
     def __init__(self, labels, classes_per_batch: int, examples_per_class: int, seed: int):
         labels = np.asarray(labels)
         if classes_per_batch < 1 or examples_per_class < 1:
-            raise ValueError(
+            raise InputError(
                 f"A P×K batch needs P >= 1 and K >= 1, got P={classes_per_batch}, "
                 f"K={examples_per_class}."
             )
         classes, counts = np.unique(labels, return_counts=True)
         eligible = classes[counts >= examples_per_class]
         if len(eligible) < classes_per_batch:
-            raise ValueError(
+            raise InputError(
                 f"The P×K batch needs {classes_per_batch} classes with at least "
                 f"{examples_per_class} examples each, but the training data has "
                 f"{len(eligible)} such classes ({len(classes)} classes, the smallest with "
                 f"{counts.min()} examples). Lower train.global_batch_size or "
-                "pk_sampler.examples_per_class."
+                "train.examples_per_class."
             )
         self.classes_per_batch = classes_per_batch
         self.examples_per_class = examples_per_class

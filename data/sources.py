@@ -22,6 +22,8 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+from data.errors import InputError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
@@ -48,7 +50,7 @@ def select_classes(names, classes, what: str) -> list[int]:
         return list(range(len(names)))
     start, stop = classes
     if not 0 <= start < stop <= len(names):
-        raise ValueError(
+        raise InputError(
             f"classes={tuple(classes)} is not a range within the {len(names)} classes of "
             f"{what} (positions 0..{len(names)})."
         )
@@ -76,16 +78,16 @@ def digits(classes=(0, 6)) -> Source:
 def image_folder(root=gin.REQUIRED, classes=None) -> Source:
     """One subfolder per class (CUB-200-2011, Cars196, SOP, face sets), sorted by name."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image_folder.root {root!r} is not a folder.")
+        raise InputError(f"image_folder.root {root!r} is not a folder.")
     names = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not names:
-        raise ValueError(f"image_folder.root {root!r} has no class subfolders.")
+        raise InputError(f"image_folder.root {root!r} has no class subfolders.")
     paths, labels = [], []
     for position in select_classes(names, classes, f"image folder {root!r}"):
         folder = os.path.join(root, names[position])
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise ValueError(
+            raise InputError(
                 f"Class folder {folder!r} holds no images (extensions {IMAGE_EXTENSIONS})."
             )
         paths += [os.path.join(folder, f) for f in files]
@@ -113,7 +115,7 @@ def tfrecord(
     """
     files = sorted(glob.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"tfrecord.pattern {pattern!r} matches no file.")
+        raise InputError(f"tfrecord.pattern {pattern!r} matches no file.")
     spec = {
         image_key: tf.io.FixedLenFeature([], tf.string),
         label_key: tf.io.FixedLenFeature([], tf.int64),
@@ -123,7 +125,7 @@ def tfrecord(
         encoded.append(record[image_key].numpy())
         values.append(int(record[label_key]))
     if not values:
-        raise ValueError(f"tfrecord.pattern {pattern!r}: the files hold no records.")
+        raise InputError(f"tfrecord.pattern {pattern!r}: the files hold no records.")
     values = np.array(values)
     names = np.unique(values)
     keep_positions = select_classes(names, classes, f"TFRecords {pattern!r}")

@@ -15,6 +15,7 @@ import gin
 import keras
 import numpy as np
 
+from data.errors import InputError
 from data.pipeline import train_batches
 from data.sampler import PKSampler
 from data.sources import digits
@@ -38,21 +39,16 @@ PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
 def learning_rate_schedule(
     base_rate: float, steps: int, warmup_steps: int = 20, decay: str = "cosine"
 ):
-    """Linear warm-up to `base_rate`, then cosine decay to 0 at `steps` (or constant)."""
+    """Linear warm-up from 0 to `base_rate`, then cosine decay to 0 at `steps` (or constant)."""
     if decay not in ("cosine", "constant"):
-        raise ValueError(
+        raise InputError(
             f"Unknown learning_rate_schedule.decay {decay!r}; use 'cosine' or 'constant'."
         )
     warmup_steps = min(warmup_steps, max(steps - 1, 0))
-    if decay == "constant":
-        if not warmup_steps:
-            return base_rate
-        return keras.optimizers.schedules.PiecewiseConstantDecay(
-            [warmup_steps], [base_rate / 2, base_rate]
-        )
     return keras.optimizers.schedules.CosineDecay(
         0.0 if warmup_steps else base_rate,
         max(steps - warmup_steps, 1),
+        alpha=1.0 if decay == "constant" else 0.0,  # alpha = 1: no decay
         warmup_target=base_rate if warmup_steps else None,
         warmup_steps=warmup_steps,
     )
@@ -60,7 +56,7 @@ def learning_rate_schedule(
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise InputError(message)
 
 
 @gin.configurable("train", denylist=["workdir", "replicas"])
@@ -90,10 +86,13 @@ def train(
     keep_checkpoints: int = 3,
     progress_seconds: float = 10.0,
     export_model: bool = True,
+    stop_after_steps: int | None = None,
 ) -> dict:
     """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
 
     Defaults are the embedded digits job: train on classes 0-5, evaluate on 6-9.
+    `stop_after_steps` ends this run (with a checkpoint) after that many steps, for
+    queues with a time limit; the same command then continues the job.
     """
     started = time.time()
     chief = replicas.is_chief
@@ -138,6 +137,8 @@ def train(
             "and are never sampled"
         )
 
+    if chief:
+        os.makedirs(workdir, exist_ok=True)  # only once the configuration has checked out
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(seed)
     base_rate = learning_rate * (replicas.size if scale_learning_rate else 1)
@@ -145,8 +146,9 @@ def train(
         embedding_model = model()
         if synchronized_batchnorm:
             say(f"synchronized BatchNorm in {sync_batchnorm(embedding_model, replicas)} layers")
+        schedule = learning_rate_schedule(base_rate, steps)
         opt = OPTIMIZERS[optimizer](
-            learning_rate=learning_rate_schedule(base_rate, steps),
+            learning_rate=schedule,
             **({"weight_decay": weight_decay} if weight_decay else {}),
         )
         if precision == "mixed_float16":
@@ -187,11 +189,12 @@ def train(
     if first_step >= steps:
         say(f"already trained to step {first_step} >= train.steps={steps}")
 
+    last_step = steps if not stop_after_steps else min(steps, first_step + stop_after_steps)
     rows = replicas.process_rows(global_batch_size)
-    batches = train_batches(train_source, sampler, rows, first_step, steps)
+    batches = train_batches(train_source, sampler, rows, first_step, last_step)
     last_print = window_start = time.time()
     window_steps, results = 0, {}
-    for step, (images, labels) in zip(range(first_step + 1, steps + 1), batches, strict=True):
+    for step, (images, labels) in zip(range(first_step + 1, last_step + 1), batches, strict=True):
         metrics = step_fn.run_local(images, labels, global_size=global_batch_size)
         window_steps += 1
         if not np.isfinite(metrics["loss"]) or not metrics["finite_gradients"]:
@@ -202,7 +205,7 @@ def train(
         now = time.time()
         rate = window_steps * global_batch_size / max(now - window_start, 1e-9)
         if step % log_every == 0 or step == steps:
-            metrics["learning_rate"] = float(keras.ops.convert_to_numpy(opt.learning_rate))
+            metrics["learning_rate"] = float(schedule(step - 1))  # the rate this step used
             metrics["examples_per_second"] = rate
             summaries.scalars(
                 step, {f"train/{k}": v for k, v in metrics.items() if k != "finite_gradients"}
@@ -210,7 +213,7 @@ def train(
             summaries.histograms(
                 step, {f"train/{k}_distances": v for k, v in step_fn.last_distances.items()}
             )
-        if now - last_print >= progress_seconds or step == steps or step == first_step + 1:
+        if now - last_print >= progress_seconds or step in (first_step + 1, last_step):
             left = (steps - step) * global_batch_size / max(rate, 1e-9)
             pace = (
                 "(includes compiling)"
@@ -224,10 +227,16 @@ def train(
                 flush=True,
             )
             last_print, window_start, window_steps = now, now, 0
-        if step % checkpoint_every == 0 or step == steps:
+        if step % checkpoint_every == 0 or step == last_step:
             checkpoints.save(step)
         if step % eval_every == 0 or step == steps:
             results, embeddings = evaluate(step)
+    if last_step < steps:
+        say(
+            f"stopped at step {last_step} of {steps} (train.stop_after_steps="
+            f"{stop_after_steps}); run the same command to continue"
+        )
+        return results
     if not results:
         results, embeddings = evaluate(max(first_step, steps))
     summaries.flush()

@@ -17,6 +17,7 @@ import gin  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import trainer.config  # noqa: E402, F401  (registers the configurables)
+from data.errors import InputError  # noqa: E402
 from trainer.replicas import make_replicas  # noqa: E402
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -29,8 +30,8 @@ flags.DEFINE_string(
 )
 
 
-class UsageError(Exception):
-    """A user mistake: reported in one line, without a traceback."""
+class UsageError(InputError):
+    """A mistake on the command line."""
 
 
 def resolve_gin_file(name: str) -> str:
@@ -70,7 +71,6 @@ def run(argv) -> int:
     workdir = FLAGS.workdir or replicas.agree(default_workdir(FLAGS.gin_file))
     workdir = os.path.abspath(workdir)
     if replicas.is_chief:
-        os.makedirs(workdir, exist_ok=True)
         print(f"workdir: {workdir}", flush=True)
     train(workdir, replicas)
     return 0
@@ -79,8 +79,10 @@ def run(argv) -> int:
 def main(argv) -> None:
     try:
         sys.exit(run(argv))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except InputError as error:  # the user's to fix: one message, no traceback
+        lines = str(error).splitlines()
+        message = "\n".join(line for line in lines if "In call to configurable" not in line)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

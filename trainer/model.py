@@ -14,6 +14,8 @@ import gin
 import keras
 import tensorflow as tf
 
+from data.errors import InputError
+
 # keras.applications constructor and preprocessing module per supported backbone, and the
 # file name pattern of its ImageNet weights (no top) in the Keras cache.
 BACKBONES = {
@@ -51,7 +53,7 @@ def imagenet_weights(backbone: str) -> str:
     cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
     found = glob.glob(os.path.join(cache, pattern))
     if not found:
-        raise FileNotFoundError(
+        raise InputError(
             f"ImageNet weights for {backbone} are not in {cache} (expected {pattern}). "
             "Training nodes often have no internet: on a machine that has, run "
             f"`python -c 'import keras; keras.applications.{backbone}(include_top=False)'` "
@@ -75,7 +77,7 @@ def backbone_embedding(
     local Keras cache only, never downloaded), a path to a weights file, or None.
     """
     if backbone not in BACKBONES:
-        raise ValueError(
+        raise InputError(
             f"Unknown backbone_embedding.backbone {backbone!r}; valid values are "
             f"{tuple(BACKBONES)}."
         )
@@ -83,7 +85,7 @@ def backbone_embedding(
     constructor = getattr(keras.applications, backbone)
     path = imagenet_weights(backbone) if weights == "imagenet" else weights
     if path is not None and not os.path.exists(path):
-        raise FileNotFoundError(f"backbone_embedding.weights file {path!r} does not exist.")
+        raise InputError(f"backbone_embedding.weights file {path!r} does not exist.")
     base = constructor(
         include_top=False, weights=None, input_shape=(image_size, image_size, 3), pooling="avg"
     )

@@ -20,6 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from data.errors import InputError
+
 STRATEGIES = ("auto", "single", "mirrored", "multi_worker", "horovod")
 
 
@@ -38,7 +40,7 @@ def configure_cpu_replicas(count: int) -> list[str]:
         pass  # already initialized: checked below
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     if len(devices) < count:
-        raise RuntimeError(
+        raise InputError(
             f"distribute.cpu_replicas={count} but TensorFlow was initialized with "
             f"{len(devices)} logical CPU(s); set it before any TensorFlow op runs."
         )
@@ -275,12 +277,12 @@ def make_replicas(strategy: str = "auto", cpu_replicas: int = 0) -> Replicas:
     (or `cpu_replicas` > 1) is visible, else a single device.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(
+        raise InputError(
             f"Unknown distribute.strategy {strategy!r}; valid values are "
             + ", ".join(repr(s) for s in STRATEGIES)
         )
     if cpu_replicas < 0:
-        raise ValueError(f"distribute.cpu_replicas must be >= 0, got {cpu_replicas}.")
+        raise InputError(f"distribute.cpu_replicas must be >= 0, got {cpu_replicas}.")
     cpu_devices = configure_cpu_replicas(cpu_replicas) if cpu_replicas > 0 else None
     if strategy == "auto":
         if launched_by_horovodrun():
@@ -296,7 +298,7 @@ def make_replicas(strategy: str = "auto", cpu_replicas: int = 0) -> Replicas:
     if strategy == "mirrored":
         return MirroredReplicas(tf.distribute.MirroredStrategy(cpu_devices), "mirrored")
     if "TF_CONFIG" not in os.environ:
-        raise ValueError(
+        raise InputError(
             "distribute.strategy='multi_worker' needs the TF_CONFIG environment variable "
             "(the cluster and this worker's task, as MultiWorkerMirroredStrategy reads it)."
         )

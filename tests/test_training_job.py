@@ -1,0 +1,183 @@
+"""The training job end to end: replica-count invariance across backends, outputs, resume, errors.
+
+Every test runs `python -m trainer.main` in a fresh process (as users do), on the
+embedded digits job made short.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.jobs import ROOT, SHORT_JOB, read_events, run_job, scalars, series
+
+HOROVOD_2 = (os.path.join(ROOT, "launch", "horovod.sh"), "2")
+MULTI_WORKER_2 = (os.path.join(ROOT, "launch", "multi_worker.sh"), "local", "2")
+
+BACKENDS = {
+    "single": ((), ("distribute.strategy='single'",)),
+    "mirrored4": ((), ("distribute.strategy='mirrored'", "distribute.cpu_replicas=4")),
+    "horovod2": (HOROVOD_2, ("distribute.strategy='horovod'",)),
+    "multi_worker2": (MULTI_WORKER_2, ()),
+}
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """train/loss (and remote-negative share) per step of the short job on each backend."""
+    results = {}
+    for name, (launcher, params) in BACKENDS.items():
+        workdir = tmp_path_factory.mktemp(name)
+        run_job(workdir, SHORT_JOB + params, launcher)
+        results[name] = {
+            "loss": series(workdir, "train/loss"),
+            "remote": series(workdir, "train/cross_replica_negative_fraction"),
+        }
+    workdir = tmp_path_factory.mktemp("mirrored4_local")
+    local = BACKENDS["mirrored4"][1] + ("train.cross_replica_mining=False",)
+    run_job(workdir, SHORT_JOB + local)
+    results["mirrored4_local"] = {
+        "loss": series(workdir, "train/loss"),
+        "remote": series(workdir, "train/cross_replica_negative_fraction"),
+    }
+    return results
+
+
+@pytest.mark.parametrize("backend", ["mirrored4", "horovod2", "multi_worker2"])
+def test_train_loss_equals_single_device_on_every_backend(short_runs, backend):
+    single, other = short_runs["single"]["loss"], short_runs[backend]["loss"]
+    assert len(single) == len(other) == 6
+    assert np.all(single > 0)
+    np.testing.assert_allclose(other, single, rtol=1e-4)
+
+
+def test_the_loss_moves_during_the_short_job(short_runs):
+    loss = short_runs["single"]["loss"]
+    assert np.ptp(loss) > 1e-4, loss  # the comparison above is not between constants
+
+
+def test_per_replica_mining_gives_a_different_loss(short_runs):
+    global_loss = short_runs["mirrored4"]["loss"]
+    local_loss = short_runs["mirrored4_local"]["loss"]
+    assert np.max(np.abs(local_loss - global_loss) / global_loss) > 1e-2
+    assert np.all(short_runs["mirrored4_local"]["remote"] == 0.0)
+    assert np.all(short_runs["mirrored4"]["remote"] > 0.5)  # 4 replicas: most come from others
+    assert np.all(short_runs["single"]["remote"] == 0.0)
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("job")
+    params = (
+        "train.steps=12",
+        "train.log_every=4",
+        "train.eval_every=6",
+        "train.checkpoint_every=6",
+        "distribute.strategy='single'",
+    )
+    done = run_job(workdir, params)
+    return workdir, done.stdout
+
+
+DESIGN_TAGS = (
+    "train/loss",
+    "train/active_triplet_fraction",
+    "train/positive_distance",
+    "train/negative_distance",
+    "train/embedding_norm",
+    "train/learning_rate",
+    "train/examples_per_second",
+    "train/cross_replica_negative_fraction",
+    "eval/recall@1",
+    "eval/recall@4",
+    "eval/map@r",
+)
+
+
+def test_tensorboard_has_every_tag_at_the_configured_steps(finished_job):
+    workdir, _ = finished_job
+    events = read_events(workdir)
+    tags = events.Tags()
+    for tag in DESIGN_TAGS:
+        assert tag in tags["tensors"], tag
+    assert sorted(scalars(workdir, "train/loss")) == [4, 8, 12]
+    assert sorted(scalars(workdir, "eval/map@r")) == [6, 12]
+    rates = scalars(workdir, "train/learning_rate")
+    assert rates[4] < rates[8]  # warm-up (20 steps by default) still rising
+    assert "train/positive_distances" in tags["histograms"] or any(
+        "distances" in t for t in tags["tensors"]
+    )
+    text = [t for t in tags["tensors"] if t.startswith("config/")]
+    assert text, tags["tensors"]
+
+
+def test_outputs_operative_config_results_projector_and_saved_model(finished_job):
+    workdir, stdout = finished_job
+    operative = (workdir / "operative_config.gin").read_text()
+    assert "train.steps = 12" in operative
+    assert "distribute.strategy = 'single'" in operative
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results) == {"recall@1", "recall@4", "map@r"}
+    assert f"map@r {results['map@r']:.4f}" in stdout  # final summary prints the figures
+    assert str(workdir) in stdout and "tensorboard --logdir" in stdout
+    assert (workdir / "projector_config.pbtxt").exists()
+    embeddings = np.loadtxt(workdir / "projector" / "embeddings.tsv", delimiter="\t")
+    metadata = (workdir / "projector" / "metadata.tsv").read_text().splitlines()
+    assert len(metadata) == len(embeddings) + 1 == 714 + 1  # digits 6-9, header line
+    from data.sources import digits
+
+    held_out = digits(classes=(6, 10))
+    assert [int(line.split("\t")[0]) for line in metadata[1:]] == held_out.labels.tolist()
+    exported = tf.saved_model.load(str(workdir / "saved_model"))  # keep it referenced
+    served = exported.serve(tf.constant(held_out.items[:10]))
+    np.testing.assert_allclose(served.numpy(), embeddings[:10], atol=1e-5)
+    assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("ckpt-12")
+
+
+def test_restart_with_the_same_workdir_resumes_where_it_stopped(tmp_path):
+    params = (
+        "distribute.strategy='single'",
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "train.eval_every=1000",
+        "train.export_model=False",
+    )
+    straight = tmp_path / "straight"
+    run_job(straight, params + ("train.steps=6",))
+    stopped = tmp_path / "stopped"
+    cut = run_job(stopped, params + ("train.steps=6", "train.stop_after_steps=3"))
+    assert "stopped at step 3 of 6" in cut.stdout
+    resumed = run_job(stopped, params + ("train.steps=6",))
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    expected, got = scalars(straight, "train/loss"), scalars(stopped, "train/loss")
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        np.testing.assert_allclose(got[step], expected[step], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params, flags, message",
+    [
+        (("train.stepz=5",), (), "train.stepz"),
+        ((), ("--gin_file=no_such_config",), "no_such_config"),
+        (("distribute.strategy='bogus'",), (), "distribute.strategy"),
+        (("train.global_batch_size=90",), (), "train.examples_per_class"),
+        (("train.global_batch_size=112",), (), "7 classes"),
+        (
+            (
+                "train.global_batch_size=98",
+                "distribute.strategy='mirrored'",
+                "distribute.cpu_replicas=4",
+            ),
+            (),
+            "not divisible",
+        ),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_clear_line(tmp_path, params, flags, message):
+    done = run_job(tmp_path / "w", params, check=False, extra=flags, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

@@ -4,12 +4,30 @@ Shared by the MirroredStrategy tests (in-process) and the Horovod worker script 
 under horovodrun), so both compare against the same single-device numbers.
 """
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 import losses
 from trainer.global_loss import loss_and_gradients
+from trainer.replicas import make_replicas
+
+
+@functools.cache
+def mirrored(count):
+    """One MirroredStrategy per replica count for the whole test session.
+
+    A process normally holds one strategy. Tests hold several, whose collectives would
+    reuse the same group keys with different group sizes; TensorFlow's own tests give
+    each strategy its own key range through `_collective_key_base`, and so do we.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base = 1000 * count
+    replicas = make_replicas("mirrored", cpu_replicas=count)
+    assert replicas.size == count
+    return replicas
+
 
 LOSSES = {
     "semihard": lambda: losses.TripletSemiHardLoss(margin=0.5),

@@ -1,6 +1,5 @@
 """Global-batch mining across replicas equals one device on the concatenated batch."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from tests.cross_replica_case import (
     LOSSES,
     build_model,
     global_batch,
+    mirrored,
     replicated_step,
     single_device_step,
 )
@@ -23,20 +23,6 @@ from trainer.replicas import make_replicas, slice_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
-
-
-@functools.cache
-def mirrored(count):
-    """One MirroredStrategy per replica count for the whole session.
-
-    A process normally holds one strategy. Tests hold several, whose collectives would
-    reuse the same group keys with different group sizes; TensorFlow's own tests give
-    each strategy its own key range through `_collective_key_base`, and so do we.
-    """
-    tf.distribute.MirroredStrategy._collective_key_base = 1000 * count
-    replicas = make_replicas("mirrored", cpu_replicas=count)
-    assert replicas.size == count
-    return replicas
 
 
 def assert_same_step(single, replicated):

@@ -1,0 +1,176 @@
+"""Sources, the P×K sampler and the tf.data pipelines."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from data.errors import InputError
+from data.pipeline import PixelAugmentation, eval_batches, train_batches
+from data.sampler import PKSampler
+from data.sources import digits, image_folder, tfrecord
+from trainer.replicas import slice_bounds
+
+
+def test_sampler_batch_depends_on_seed_and_step_only():
+    labels = np.repeat(np.arange(10), 20)
+    a = PKSampler(labels, 4, 5, seed=3)
+    b = PKSampler(labels, 4, 5, seed=3)
+    np.testing.assert_array_equal(a.global_batch(7), b.global_batch(7))
+    assert not np.array_equal(a.global_batch(7), a.global_batch(8))
+    assert not np.array_equal(a.global_batch(7), PKSampler(labels, 4, 5, seed=4).global_batch(7))
+
+
+def test_sampler_draws_p_classes_of_k_distinct_examples_class_by_class():
+    labels = np.repeat(np.arange(10), 20)
+    sampler = PKSampler(labels, 4, 5, seed=0)
+    for step in range(20):
+        batch = sampler.global_batch(step)
+        assert batch.shape == (20,)
+        blocks = labels[batch].reshape(4, 5)
+        assert np.all(blocks == blocks[:, :1])  # K consecutive rows share a class
+        assert len(set(blocks[:, 0])) == 4  # P distinct classes
+        assert len(set(batch.tolist())) == 20  # no example twice
+
+
+def test_sampler_leaves_out_small_classes_and_refuses_an_impossible_batch():
+    labels = np.array([0] * 8 + [1] * 8 + [2] * 3)
+    sampler = PKSampler(labels, 2, 4, seed=0)
+    assert sampler.skipped_classes == 1
+    for step in range(10):
+        assert 2 not in labels[sampler.global_batch(step)]
+    with pytest.raises(InputError, match="needs 3 classes with at least 4 examples"):
+        PKSampler(labels, 3, 4, seed=0)
+
+
+def _process_rows(dataset_fn, global_size, processes):
+    """What `processes` workers read, concatenated per step in worker order."""
+    per_worker = [list(dataset_fn(bounds)) for bounds in slice_bounds(global_size, processes)]
+    return [
+        tuple(np.concatenate([w[step][i].numpy() for w in per_worker]) for i in range(2))
+        for step in range(len(per_worker[0]))
+    ]
+
+
+@pytest.fixture(scope="module")
+def digit_source():
+    return digits(classes=(0, 6))
+
+
+def test_global_batch_with_augmentation_is_the_same_for_any_number_of_workers(digit_source):
+    sampler = PKSampler(digit_source.labels, 6, 4, seed=1)
+    make = lambda rows: train_batches(digit_source, sampler, rows, 5, 8)  # noqa: E731
+    one = _process_rows(make, 24, 1)
+    assert len(one) == 3
+    for processes in (2, 3, 4):
+        for (images, labels), (ref_images, ref_labels) in zip(
+            _process_rows(make, 24, processes), one, strict=True
+        ):
+            np.testing.assert_array_equal(labels, ref_labels)
+            np.testing.assert_array_equal(images, ref_images)
+    # Labels are those the sampler chose; images are augmented, not copies.
+    batch = sampler.global_batch(5)
+    np.testing.assert_array_equal(one[0][1], digit_source.labels[batch])
+    assert not np.allclose(one[0][0], digit_source.items[batch])
+
+
+def test_pipeline_resumes_mid_job_with_the_same_batches(digit_source):
+    sampler = PKSampler(digit_source.labels, 6, 4, seed=1)
+    full = list(train_batches(digit_source, sampler, (0, 24), 0, 6))
+    resumed = list(train_batches(digit_source, sampler, (0, 24), 4, 6))
+    for (a, la), (b, lb) in zip(full[4:], resumed, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(la.numpy(), lb.numpy())
+
+
+def test_pixel_augmentation_is_a_small_warp_and_the_identity_when_off():
+    image = tf.constant(digits(classes=(0, 1)).items[0])
+    warped = PixelAugmentation().train(image, tf.constant([0, 1], tf.int64))
+    assert warped.shape == image.shape
+    assert 0 < float(tf.reduce_mean(tf.abs(warped - image))) < 0.3
+    off = PixelAugmentation(rotation=0.0, scale=0.0, shear=0.0, shift=0.0)
+    np.testing.assert_allclose(off.train(image, tf.constant([0, 1], tf.int64)), image, atol=1e-6)
+
+
+def _write_folder(root, classes, per_class, size=(20, 16)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        folder = root / c
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folder_selects_sorted_class_positions(tmp_path):
+    root = _write_folder(tmp_path / "images", ["003.c", "001.a", "002.b", "004.d"], 3)
+    source = image_folder(str(root), classes=(1, 3))
+    assert source.class_names == ("001.a", "002.b", "003.c", "004.d")
+    assert sorted(set(source.labels.tolist())) == [1, 2]
+    assert all("/002.b/" in p or "/003.c/" in p for p in source.items)
+    assert len(image_folder(str(root)).labels) == 12
+
+
+def test_image_pipeline_decodes_crops_and_is_worker_count_invariant(tmp_path):
+    root = _write_folder(tmp_path / "images", ["a", "b", "c"], 4)
+    source = image_folder(str(root))
+    sampler = PKSampler(source.labels, 2, 2, seed=0)
+    from data.pipeline import ImagePreprocessing
+
+    prep = ImagePreprocessing(size=12)
+    make = lambda rows: train_batches(source, sampler, rows, 0, 2, prep)  # noqa: E731
+    one = _process_rows(make, 4, 1)
+    assert one[0][0].shape == (4, 12, 12, 3)
+    assert 0 <= one[0][0].min() and one[0][0].max() <= 255
+    two = _process_rows(make, 4, 2)
+    for (a, la), (b, lb) in zip(one, two, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        np.testing.assert_array_equal(la, lb)
+    images, labels = next(iter(eval_batches(source, [(0, 5)], prep)))
+    assert images.shape == (5, 12, 12, 3)
+    np.testing.assert_array_equal(labels, source.labels[:5])
+
+
+def test_image_folder_errors_name_the_folder(tmp_path):
+    with pytest.raises(InputError, match="missing"):
+        image_folder(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no class subfolders"):
+        image_folder(str(tmp_path / "empty"))
+    root = _write_folder(tmp_path / "images", ["a"], 2)
+    (root / "b").mkdir()
+    with pytest.raises(InputError, match="/b' holds no images"):
+        image_folder(str(root))
+    with pytest.raises(InputError, match=r"classes=\(0, 5\)"):
+        image_folder(str(tmp_path / "images"), classes=(0, 5))
+
+
+def test_tfrecord_source_reads_images_and_maps_labels_to_positions(tmp_path):
+    path = tmp_path / "train.tfrecord"
+    encoded = []
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i, label in enumerate([7, 3, 7, 11, 3]):
+            png = tf.io.encode_png(tf.fill([4, 4, 3], tf.constant(i * 10, tf.uint8))).numpy()
+            encoded.append(png)
+            example = tf.train.Example(
+                features=tf.train.Features(
+                    feature={
+                        "image/encoded": tf.train.Feature(
+                            bytes_list=tf.train.BytesList(value=[png])
+                        ),
+                        "image/class/label": tf.train.Feature(
+                            int64_list=tf.train.Int64List(value=[label])
+                        ),
+                    }
+                )
+            )
+            writer.write(example.SerializeToString())
+    source = tfrecord(str(tmp_path / "*.tfrecord"))
+    assert source.labels.tolist() == [1, 0, 1, 2, 0]  # positions of 7, 3, 7, 11, 3
+    assert source.class_names == ("3", "7", "11")
+    assert list(source.items) == encoded
+    second = tfrecord(str(tmp_path / "*.tfrecord"), classes=(1, 3))
+    assert second.labels.tolist() == [1, 1, 2]
+    with pytest.raises(InputError, match="matches no file"):
+        tfrecord(str(tmp_path / "*.nothing"))

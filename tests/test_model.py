@@ -1,0 +1,115 @@
+"""Models: the digits net, backbones and their weights, synchronized BatchNorm, precision."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import losses
+from data.errors import InputError
+from tests.cross_replica_case import global_batch, mirrored
+from trainer.global_loss import loss_and_gradients
+from trainer.model import backbone_embedding, digits_convnet, imagenet_weights, sync_batchnorm
+from trainer.replicas import Replicas
+
+
+def test_digits_convnet_gives_unit_embeddings():
+    x = np.random.default_rng(0).random((5, 8, 8, 1)).astype(np.float32)
+    for dim in (None, 16):
+        out = digits_convnet(width=8, embedding_dim=dim)(x).numpy()
+        assert out.shape == (5, 16 if dim else 8 * 8 * 8)
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+def test_backbone_embedding_builds_without_weights_and_explains_missing_ones(tmp_path, monkeypatch):
+    model = backbone_embedding("MobileNetV3Small", embedding_dim=8, image_size=32, weights=None)
+    out = model(np.zeros((2, 32, 32, 3), np.float32)).numpy()
+    assert out.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(InputError, match="ImageNet weights for ResNet50 are not in"):
+        imagenet_weights("ResNet50")
+    with pytest.raises(InputError, match="backbone_embedding.backbone 'VGG1'"):
+        backbone_embedding("VGG1")
+    with pytest.raises(InputError, match="does not exist"):
+        backbone_embedding("MobileNetV3Small", image_size=32, weights=str(tmp_path / "w.h5"))
+
+
+def _bn_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("tanh"),
+            keras.layers.Dense(8),
+        ]
+    )
+
+
+def _step(replicas, model, x, labels):
+    loss = losses.TripletSemiHardLoss(margin=0.5)
+
+    @tf.function
+    def step(local_x, local_labels):
+        result = loss_and_gradients(
+            loss,
+            replicas,
+            lambda v: model(v, training=True),
+            model.trainable_variables,
+            local_x,
+            local_labels,
+        )
+        return result.loss, replicas.sum_gradients(result.grads)
+
+    value, grads = replicas.run(step, replicas.split(x, labels))
+    first = lambda v: replicas.local_results(v)[0]  # noqa: E731
+    return float(first(value)), [first(g).numpy() for g in grads]
+
+
+@pytest.mark.parametrize("synchronized", [True, False])
+def test_synchronized_batchnorm_makes_replicas_equal_one_device(synchronized):
+    x, labels = global_batch(24)
+    single = _bn_model()
+    weights = single.get_weights()
+    assert sync_batchnorm(single, Replicas()) == 1  # one replica: the plain moments
+    expected_loss, expected_grads = _step(Replicas(), single, x, labels)
+    replicas = mirrored(4)
+    with replicas.scope():
+        model = _bn_model()
+    model.set_weights(weights)
+    if synchronized:
+        assert sync_batchnorm(model, replicas) == 1
+    loss, grads = _step(replicas, model, x, labels)
+    scale = max(np.linalg.norm(g) for g in expected_grads)
+    differences = [
+        np.max(np.abs(g - e)) / scale for g, e in zip(grads, expected_grads, strict=True)
+    ]
+    if synchronized:
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+        assert max(differences) < 1e-5
+    else:  # per-replica statistics: the loss depends on the split
+        assert abs(loss - expected_loss) > 1e-4 or max(differences) > 1e-3
+
+
+def test_mixed_bfloat16_trains_with_float32_loss_and_weights():
+    from trainer.train_step import TrainStep
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = digits_convnet(width=8)
+        assert model.layers[0].compute_dtype == "bfloat16"
+        step = TrainStep(
+            model, keras.optimizers.Adam(1e-3), losses.TripletSemiHardLoss(0.2), Replicas()
+        )
+        rng = np.random.default_rng(0)
+        x = rng.random((32, 8, 8, 1)).astype(np.float32)
+        labels = np.repeat(np.arange(4), 8)
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        metrics = step(x, labels)
+        assert np.isfinite(metrics["loss"]) and metrics["finite_gradients"] == 1.0
+        assert all(v.dtype == "float32" for v in model.trainable_variables)
+        assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

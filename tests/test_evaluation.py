@@ -61,7 +61,7 @@ def test_perfect_clusters_score_one_and_a_shuffle_scores_low():
 def test_eval_chunks_cover_every_row_once_and_give_every_replica_rows(n, chunk, replicas):
     chunks = eval_chunks(n, chunk, replicas)
     assert chunks[0][0] == 0 and chunks[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(a[1] == b[0] for a, b in zip(chunks[:-1], chunks[1:], strict=True))
     assert all(end - start >= replicas for start, end in chunks)
 
 

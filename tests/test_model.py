@@ -110,6 +110,9 @@ def test_mixed_bfloat16_trains_with_float32_loss_and_weights():
         metrics = step(x, labels)
         assert np.isfinite(metrics["loss"]) and metrics["finite_gradients"] == 1.0
         assert all(v.dtype == "float32" for v in model.trainable_variables)
-        assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+        assert any(
+            not np.allclose(b, v.numpy())
+            for b, v in zip(before, model.trainable_variables, strict=True)
+        )
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -61,9 +61,13 @@ def single_device_step(loss, weights, x, labels):
     return float(value), [g.numpy() for g in grads]
 
 
-def replicated_step(replicas, loss, weights, x, labels, cross_replica_mining=True):
+def replicated_step(
+    replicas, loss, weights, x, labels, cross_replica_mining=True, known_rows=False
+):
     """Global loss and the gradients summed over replicas, plus the share of chosen
-    negatives that came from another replica."""
+    negatives that came from another replica. `known_rows` passes each replica's row
+    count to the gather (the trainer's path); without it the backend exchanges them."""
+    replica_rows = replicas.replica_rows(len(labels)) if known_rows else None
     with replicas.scope():
         model = build_model(x.shape[1])
     model.set_weights(weights)
@@ -79,6 +83,7 @@ def replicated_step(replicas, loss, weights, x, labels, cross_replica_mining=Tru
             local_x,
             local_labels,
             cross_replica_mining,
+            replica_rows=replica_rows,
         )
         remote = tf.math.divide_no_nan(
             result.stats["remote_negatives"], result.stats["chosen_negatives"]

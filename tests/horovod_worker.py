@@ -19,10 +19,14 @@ def main(out, size=24):
         weights = [w + 1.0 for w in weights]
     results = {}
     for name, make_loss in LOSSES.items():
-        loss_value, grads, _ = replicated_step(replicas, make_loss(), weights, x, labels)
-        results[f"{name}/loss"] = np.array(loss_value)
-        for i, g in enumerate(grads):
-            results[f"{name}/grad{i}"] = g
+        for known_rows in (False, True):  # row counts exchanged, or given by the trainer
+            loss_value, grads, _ = replicated_step(
+                replicas, make_loss(), weights, x, labels, known_rows=known_rows
+            )
+            key = f"{name}/{'known' if known_rows else 'exchanged'}"
+            results[f"{key}/loss"] = np.array(loss_value)
+            for i, g in enumerate(grads):
+                results[f"{key}/grad{i}"] = g
     if replicas.rank == 0:
         np.savez(out, size=replicas.size, **results)
         print(f"wrote {out} from {replicas.size} workers")

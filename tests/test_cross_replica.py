@@ -37,24 +37,43 @@ def assert_same_step(single, replicated):
         assert np.linalg.norm(np.asarray(gn, np.float64) - g1) <= TOLERANCE * scale
 
 
+@pytest.mark.parametrize("known_rows", [True, False], ids=["rows_known", "rows_exchanged"])
 @pytest.mark.parametrize("replicas_count", [1, 2, 4])
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-def test_mirrored_equals_single_device(loss_name, replicas_count):
+def test_mirrored_equals_single_device(loss_name, replicas_count, known_rows):
     x, labels = global_batch()
     weights = build_model(x.shape[1]).get_weights()
     single = single_device_step(LOSSES[loss_name](), weights, x, labels)
-    replicated = replicated_step(mirrored(replicas_count), LOSSES[loss_name](), weights, x, labels)
+    replicated = replicated_step(
+        mirrored(replicas_count), LOSSES[loss_name](), weights, x, labels, known_rows=known_rows
+    )
     assert_same_step(single, replicated)
 
 
+@pytest.mark.parametrize("known_rows", [True, False], ids=["rows_known", "rows_exchanged"])
 @pytest.mark.parametrize("loss_name", ["semihard", "hard", "batch_all_all"])
-def test_unequal_replica_batches_are_exact(loss_name):
+def test_unequal_replica_batches_are_exact(loss_name, known_rows):
     """A short last batch: 26 rows over 4 replicas are 7, 7, 6, 6 rows."""
     x, labels = global_batch(size=26)
     assert [e - s for s, e in slice_bounds(26, 4)] == [7, 7, 6, 6]
     weights = build_model(x.shape[1]).get_weights()
     single = single_device_step(LOSSES[loss_name](), weights, x, labels)
-    replicated = replicated_step(mirrored(4), LOSSES[loss_name](), weights, x, labels)
+    replicated = replicated_step(
+        mirrored(4), LOSSES[loss_name](), weights, x, labels, known_rows=known_rows
+    )
+    assert_same_step(single, replicated)
+
+
+def test_any_int32_label_survives_the_gather():
+    """Labels travel as two 16-bit halves in float columns: large and negative ones too."""
+    x, labels = global_batch()
+    values = np.array([2**31 - 1, -(2**31), -7, 70_000, 65_535, 0])
+    labels = values[labels].astype(np.int64)
+    weights = build_model(x.shape[1]).get_weights()
+    single = single_device_step(LOSSES["semihard"](), weights, x, labels)
+    replicated = replicated_step(
+        mirrored(4), LOSSES["semihard"](), weights, x, labels, known_rows=True
+    )
     assert_same_step(single, replicated)
 
 
@@ -115,8 +134,10 @@ def test_horovod_workers_equal_single_device(workers, tmp_path):
     weights = build_model(x.shape[1]).get_weights()
     for name, make_loss in LOSSES.items():
         loss_1, grads_1 = single_device_step(make_loss(), weights, x, labels)
-        grads_n = [result[f"{name}/grad{i}"] for i in range(len(grads_1))]
-        assert_same_step((loss_1, grads_1), (float(result[f"{name}/loss"]), grads_n))
+        for rows in ("exchanged", "known"):
+            key = f"{name}/{rows}"
+            grads_n = [result[f"{key}/grad{i}"] for i in range(len(grads_1))]
+            assert_same_step((loss_1, grads_1), (float(result[f"{key}/loss"]), grads_n))
 
 
 def test_unknown_strategy_and_missing_tf_config_are_named(monkeypatch):

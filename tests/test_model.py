@@ -15,9 +15,9 @@ from trainer.replicas import Replicas
 
 def test_digits_convnet_gives_unit_embeddings():
     x = np.random.default_rng(0).random((5, 8, 8, 1)).astype(np.float32)
-    for dim in (None, 16):
-        out = digits_convnet(width=8, embedding_dim=dim)(x).numpy()
-        assert out.shape == (5, 16 if dim else 8 * 8 * 8)
+    for pool, dim, size in ((1, None, 8 * 8 * 8), (2, None, 4 * 4 * 8), (2, 16, 16)):
+        out = digits_convnet(width=8, pool=pool, embedding_dim=dim)(x).numpy()
+        assert out.shape == (5, size)
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
 
 

@@ -64,9 +64,10 @@ def embedding_function(model, replicas):
     """Compiled per-replica step: embed the replica's images (inference mode) and
     all-gather the embeddings of every replica, in replica order."""
 
-    @tf.function(reduce_retracing=True)
-    def embed_and_gather(images):
-        return replicas.all_gather(tf.cast(model(images, training=False), tf.float32))
+    @tf.function
+    def embed_and_gather(images, replica_rows):
+        embeddings = tf.cast(model(images, training=False), tf.float32)
+        return replicas.all_gather(embeddings, replica_rows)
 
     return embed_and_gather
 
@@ -84,7 +85,8 @@ def embed_source(embed_and_gather, replicas, source, chunk_size: int = 512) -> n
     parts = []
     for (start, end), (images, _) in zip(chunks, eval_batches(source, rows), strict=True):
         distributed = replicas.distribute(images, global_size=end - start)
-        gathered = replicas.run(embed_and_gather, distributed)
+        rows = {"replica_rows": replicas.replica_rows(end - start)}
+        gathered = replicas.run(embed_and_gather, distributed, rows)
         parts.append(np.asarray(replicas.local_results(gathered)[0]))
     return np.concatenate(parts)
 

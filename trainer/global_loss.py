@@ -2,16 +2,19 @@
 
 With N replicas each holding b examples, every replica gathers the N·b embeddings and
 labels of the step (the keys), mines its own b anchors against them (b × N·b work), and
-takes the gradient of its own loss *sum*. One all-reduce then gives the global
-normalizer (positive pairs, anchors or non-zero triplets) together with the metrics,
-and each replica divides its gradients by it. Summed over replicas (the optimizer does
-that) this is exactly the gradient of the loss one device computes on the concatenated
-batch: the all-gather sends each key's gradient back to the replica that owns the
-embedding (see `Replicas.all_gather`). Dividing after the backward pass, rather than
-before it, saves a collective per step.
+takes the gradient of its own loss *sum*. The gather's backward pass sums each key's
+gradient over replicas and hands it to the replica that owns the embedding (see
+`Replicas.all_gather`); the same summing pass brings back the global normalizer
+(positive pairs, anchors or non-zero triplets) and the step's metrics, which ride in
+extra "carrier" columns of the gather. Each replica then divides its gradients by the
+normalizer. Summed over replicas (the optimizer does that) this is exactly the gradient
+of the loss one device computes on the concatenated batch. Global mining thus costs one
+collective each way and nothing more: dividing after the backward pass, and carrying
+the statistics on it, saves the separate all-reduces.
 
 With `cross_replica_mining=False` each replica mines only its own slice and the global
-loss is the mean of the replicas' losses (the usual data-parallel average).
+loss is the mean of the replicas' losses (the usual data-parallel average); the
+statistics then take one all-reduce.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import tensorflow as tf
 
 from trainer.replicas import Replicas
 
-# Summed over replicas in the step's one all-reduce.
+# Summed over replicas each step (in the gather's backward pass, or one all-reduce).
 STATS = (
     "loss_sum",  # sum of the loss terms (global mining)
     "count",  # the normalizer's part of this replica
@@ -59,36 +62,39 @@ def loss_and_gradients(
     labels,
     cross_replica_mining=True,
     scale_loss=None,
+    replica_rows=None,
 ) -> StepResult:
     """Runs inside `Replicas.run`: embeds this replica's slice, mines, differentiates.
 
     `loss` is one of the Keras loss classes of `losses` (it provides `terms`); `embed`
     maps inputs to embeddings (the model in training mode). `scale_loss` (mixed float16:
     the loss-scale optimizer's) scales what is differentiated; the optimizer unscales.
+    `replica_rows` (rows held by each replica, in order; a Python tuple) lets the
+    backend gather without first exchanging the row counts.
     """
     with tf.GradientTape() as tape:
         embeddings = tf.cast(embed(inputs), tf.float32)  # mining is float32 anyway
-        terms, owner, me = _mine(loss, replicas, embeddings, labels, cross_replica_mining)
+        carrier = None
+        if cross_replica_mining:
+            carrier = tf.zeros([tf.shape(embeddings)[0], len(STATS)])
+            tape.watch(carrier)
+        mined = _mine(loss, replicas, embeddings, labels, carrier, replica_rows)
+        terms = mined.terms
+        local = tf.stop_gradient(_local_stats(terms, mined, embeddings, replicas.size))
         target = terms.loss_sum if scale_loss is None else scale_loss(terms.loss_sum)
-    grads = tape.gradient(target, variables)
-    chosen = terms.negative_index[terms.negative_index >= 0]
-    local = {
-        "loss_sum": terms.loss_sum,
-        "count": terms.count,
-        "replica_mean": tf.math.divide_no_nan(terms.loss_sum, terms.count) / replicas.size,
-        "active": terms.num_active,
-        "terms": terms.num_terms,
-        "remote_negatives": tf.reduce_sum(tf.cast(tf.gather(owner, chosen) != me, tf.float32)),
-        "chosen_negatives": tf.cast(tf.size(chosen), tf.float32),
-        "norm_sum": tf.reduce_sum(tf.norm(embeddings, axis=1)),
-        "rows": tf.cast(tf.shape(embeddings)[0], tf.float32),
-        "positive_distance_sum": tf.reduce_sum(terms.positive_distances),
-        "positive_pairs": tf.cast(tf.size(terms.positive_distances), tf.float32),
-        "negative_distance_sum": tf.reduce_sum(terms.negative_distances),
-        "negative_pairs": tf.cast(tf.size(terms.negative_distances), tf.float32),
-    }
-    summed = tf.unstack(replicas.all_reduce_sum(tf.stack([local[k] for k in STATS])))
-    stats = dict(zip(STATS, summed, strict=True))
+        if mined.carrier is not None:
+            # The gathered carrier columns are zeros, so this adds nothing to the value;
+            # their gradient is `local` in every row, which the gather's backward
+            # all-reduce sums over replicas: the global statistics arrive with the key
+            # gradients, without a collective of their own.
+            target += tf.reduce_sum(mined.carrier_keys * local)
+    if mined.carrier is None:
+        grads = tape.gradient(target, variables)
+        summed = replicas.all_reduce_sum(local)
+    else:
+        *grads, carrier_grad = tape.gradient(target, [*variables, mined.carrier])
+        summed = carrier_grad[0]
+    stats = dict(zip(STATS, tf.unstack(summed), strict=True))
     if cross_replica_mining:
         normalizer, value = stats["count"], tf.math.divide_no_nan(stats["loss_sum"], stats["count"])
     else:
@@ -99,32 +105,70 @@ def loss_and_gradients(
     return StepResult(grads=grads, loss=value, stats=stats, terms=terms)
 
 
-def _mine(loss, replicas: Replicas, embeddings, labels, cross_replica_mining):
-    """This replica's anchors against the keys: the terms, each key's owner, our index."""
+class Mined(NamedTuple):
+    terms: object  # losses.TripletTerms of this replica's anchors
+    owner: tf.Tensor  # (keys,) int32: the replica that owns each key
+    me: tf.Tensor  # this replica's index
+    carrier: tf.Tensor | None  # (rows, len(STATS)) zeros this replica sent along
+    carrier_keys: tf.Tensor | None  # (keys, len(STATS)) the gathered carrier columns
+
+
+def _local_stats(terms, mined: Mined, embeddings, num_replicas) -> tf.Tensor:
+    """This replica's share of every entry of STATS, as one vector."""
+    chosen = terms.negative_index[terms.negative_index >= 0]
+    remote = tf.cast(tf.gather(mined.owner, chosen) != mined.me, tf.float32)
+    local = {
+        "loss_sum": terms.loss_sum,
+        "count": terms.count,
+        "replica_mean": tf.math.divide_no_nan(terms.loss_sum, terms.count) / num_replicas,
+        "active": terms.num_active,
+        "terms": terms.num_terms,
+        "remote_negatives": tf.reduce_sum(remote),
+        "chosen_negatives": tf.cast(tf.size(chosen), tf.float32),
+        "norm_sum": tf.reduce_sum(tf.norm(embeddings, axis=1)),
+        "rows": tf.cast(tf.shape(embeddings)[0], tf.float32),
+        "positive_distance_sum": tf.reduce_sum(terms.positive_distances),
+        "positive_pairs": tf.cast(tf.size(terms.positive_distances), tf.float32),
+        "negative_distance_sum": tf.reduce_sum(terms.negative_distances),
+        "negative_pairs": tf.cast(tf.size(terms.negative_distances), tf.float32),
+    }
+    return tf.stack([tf.cast(local[k], tf.float32) for k in STATS])
+
+
+def _mine(loss, replicas: Replicas, embeddings, labels, carrier, replica_rows):
+    """This replica's anchors against the keys: all replicas' rows (gathered with the
+    `carrier` columns), or with `carrier=None` its own rows only."""
     labels = tf.cast(labels, tf.int32)
     local_rows = tf.shape(embeddings)[0]
     me = tf.cast(replicas.replica_index(), tf.int32)
-    if cross_replica_mining:
-        keys, key_labels, owner = _gather_keys(replicas, embeddings, labels, me)
-        # Replicas may hold different row counts (a short last batch): our first row
-        # among the keys is the number of rows owned by lower-indexed replicas.
-        first = tf.reduce_sum(tf.cast(owner < me, tf.int32))
-    else:
-        keys, key_labels, first = embeddings, labels, tf.constant(0)
-        owner = tf.fill([local_rows], me)
+    if carrier is None:
+        terms = loss.terms(embeddings, labels, tf.range(local_rows), embeddings, labels)
+        return Mined(terms, tf.fill([local_rows], me), me, None, None)
+    keys, key_labels, owner, carrier_keys = _gather_keys(
+        replicas, embeddings, labels, me, carrier, replica_rows
+    )
+    # Replicas may hold different row counts (a short last batch): our first row among
+    # the keys is the number of rows owned by lower-indexed replicas.
+    first = tf.reduce_sum(tf.cast(owner < me, tf.int32))
     positions = first + tf.range(local_rows)
-    return loss.terms(embeddings, labels, positions, keys, key_labels), owner, me
+    terms = loss.terms(embeddings, labels, positions, keys, key_labels)
+    return Mined(terms, owner, me, carrier, carrier_keys)
 
 
-def _gather_keys(replicas: Replicas, embeddings, labels, me):
-    """All replicas' embeddings, labels and owner indices, in one all-gather.
+def _gather_keys(replicas: Replicas, embeddings, labels, me, carrier, replica_rows):
+    """All replicas' embeddings, labels, owners and carrier columns, in one all-gather.
 
-    Labels and the owner's replica index ride along as two extra columns, bit-cast to
-    float32 (a gather only moves bytes, so any int32 survives): one collective per step
-    instead of three. Only the embedding columns receive gradients.
+    Labels and the owner's replica index ride along as three float32 columns (the
+    label's high and low 16 bits, and the owner), exact as floats and unchanged by a
+    sum with zeros, which is how some backends gather: one collective instead of three.
+    The carrier columns bring the step's statistics back in the backward pass.
     """
-    meta = tf.stack([labels, tf.fill(tf.shape(labels), me)], axis=1)
-    packed = tf.concat([embeddings, tf.bitcast(meta, tf.float32)], axis=1)
-    gathered = replicas.all_gather(packed)
-    key_meta = tf.bitcast(tf.stop_gradient(gathered[:, -2:]), tf.int32)
-    return gathered[:, :-2], key_meta[:, 0], key_meta[:, 1]
+    bits = tf.bitcast(labels, tf.uint32)
+    owner = tf.cast(tf.fill(tf.shape(labels), me), tf.uint32)
+    meta = tf.cast(tf.stack([bits // 65536, bits % 65536, owner], axis=1), tf.float32)
+    width = embeddings.shape[-1]
+    gathered = replicas.all_gather(tf.concat([embeddings, meta, carrier], axis=1), replica_rows)
+    key_meta = tf.cast(tf.stop_gradient(gathered[:, width : width + 3]), tf.uint32)
+    key_labels = tf.bitcast(key_meta[:, 0] * 65536 + key_meta[:, 1], tf.int32)
+    owners = tf.cast(key_meta[:, 2], tf.int32)
+    return gathered[:, :width], key_labels, owners, gathered[:, width + 3 :]

@@ -28,19 +28,22 @@ BACKBONES = {
 
 
 @gin.configurable
-def digits_convnet(width: int = 64, embedding_dim: int | None = None) -> keras.Model:
-    """Two 3×3 conv layers on the 8×8 digit, flattened, L2-normalized.
+def digits_convnet(width: int = 64, pool: int = 4, embedding_dim: int | None = None) -> keras.Model:
+    """Two 3×3 conv layers on the 8×8 digit, `pool`×`pool` average pooling, flattened,
+    L2-normalized: (8 / pool)² × width dimensions.
 
-    Keeping the spatial layout (no pooling) and, by default, no projection head is what
-    lets the embedding carry over to digit classes it never saw; `embedding_dim` adds a
-    dense projection.
+    Keeping the coarse spatial layout and, by default, no projection head is what lets
+    the embedding carry over to digit classes it never saw (a trained dense head
+    collapses onto the six training classes); `embedding_dim` adds one anyway.
     """
     layers = [
         keras.Input((8, 8, 1)),
         keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
         keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
-        keras.layers.Flatten(),
     ]
+    if pool > 1:
+        layers.append(keras.layers.AveragePooling2D(pool))
+    layers.append(keras.layers.Flatten())
     if embedding_dim:
         layers.append(keras.layers.Dense(embedding_dim))
     layers.append(keras.layers.UnitNormalization())

@@ -108,9 +108,9 @@ class Replicas:
         local = (np.asarray(a)[start:end] for a in global_arrays)
         return self.distribute(*local, global_size=len(global_arrays[0]))
 
-    def run(self, fn, args=()):
-        """Runs `fn(*args)` once per local replica (args come from `split`)."""
-        return fn(*args)
+    def run(self, fn, args=(), kwargs=None):
+        """Runs `fn(*args, **kwargs)` once per local replica (args come from `distribute`)."""
+        return fn(*args, **(kwargs or {}))
 
     def local_results(self, value) -> list:
         """A `run` result as one value per local replica."""
@@ -128,8 +128,17 @@ class Replicas:
         """This replica's global index, which is also its slice of the global batch."""
         return tf.constant(0)
 
-    def all_gather(self, value):
-        """Concatenates every replica's `value` along axis 0, in replica order."""
+    def replica_rows(self, global_size: int) -> tuple[int, ...]:
+        """Rows of a global batch held by each replica, in replica order."""
+        return tuple(end - start for start, end in slice_bounds(global_size, self.size))
+
+    def all_gather(self, value, replica_rows=None):
+        """Concatenates every replica's `value` along axis 0, in replica order.
+
+        Differentiable: the backward pass sums the incoming gradients over replicas and
+        returns each replica its own rows. `replica_rows` (each replica's row count,
+        when the caller knows it) saves the backend a collective.
+        """
         return value
 
     def all_reduce_sum(self, value):
@@ -180,8 +189,8 @@ class MirroredReplicas(Replicas):
 
         return self.strategy.experimental_distribute_values_from_function(part)
 
-    def run(self, fn, args=()):
-        return self.strategy.run(fn, args=args)
+    def run(self, fn, args=(), kwargs=None):
+        return self.strategy.run(fn, args=args, kwargs=kwargs)
 
     def local_results(self, value) -> list:
         return list(self.strategy.experimental_local_results(value))
@@ -189,9 +198,20 @@ class MirroredReplicas(Replicas):
     def replica_index(self):
         return tf.distribute.get_replica_context().replica_id_in_sync_group
 
-    def all_gather(self, value):
-        # ReplicaContext.all_gather's backward sums over replicas, then slices: exact.
-        return tf.distribute.get_replica_context().all_gather(value, axis=0)
+    def all_gather(self, value, replica_rows=None):
+        context = tf.distribute.get_replica_context()
+        if replica_rows is None:
+            # Exchanges the row counts first; its backward sums over replicas, then slices.
+            return context.all_gather(value, axis=0)
+        # Known row counts: place our rows in a zero tensor of the global shape and sum
+        # over replicas. Adding zeros is exact, and the backward pass is the summing
+        # all-reduce followed by our slice: one collective each way, where
+        # ReplicaContext.all_gather takes two forward and two backward.
+        starts = tf.constant(np.cumsum((0, *replica_rows))[:-1], tf.int32)
+        start = tf.gather(starts, context.replica_id_in_sync_group)
+        after = sum(replica_rows) - start - tf.shape(value)[0]
+        padding = tf.concat([[[start, after]], tf.zeros([tf.rank(value) - 1, 2], tf.int32)], 0)
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.pad(value, padding))
 
     def all_reduce_sum(self, value):
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
@@ -234,7 +254,7 @@ class HorovodReplicas(Replicas):
     def replica_index(self):
         return tf.constant(self.rank)
 
-    def all_gather(self, value):
+    def all_gather(self, value, replica_rows=None):
         hvd = self.hvd
         if not value.dtype.is_floating:
             return hvd.allgather(value)
@@ -244,8 +264,10 @@ class HorovodReplicas(Replicas):
             # Horovod's own allgather gradient *averages* over workers, which leaves the
             # key-side gradient N times too small: sum, then take this worker's rows.
             rows = tf.shape(local)[:1]
-            sizes = hvd.allgather(rows)
-            start = tf.reduce_sum(sizes[: hvd.rank()])
+            if replica_rows is None:
+                start = tf.reduce_sum(hvd.allgather(rows)[: hvd.rank()])
+            else:
+                start = tf.constant(sum(replica_rows[: hvd.rank()]), tf.int32)
 
             def grad(upstream):
                 total = hvd.allreduce(upstream, op=hvd.Sum)

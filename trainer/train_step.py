@@ -50,7 +50,7 @@ class TrainStep:
         self._compiled = tf.function(self._replica_step)
         self.last_distances = {}
 
-    def _replica_step(self, images, labels):
+    def _replica_step(self, images, labels, replica_rows=None):
         variables = self.model.trainable_variables
         result = loss_and_gradients(
             self.loss,
@@ -61,6 +61,7 @@ class TrainStep:
             labels,
             self.cross_replica_mining,
             self._scale_loss,
+            replica_rows,
         )
         finite = tf.reduce_all(
             [tf.reduce_all(tf.math.is_finite(g)) for g in result.grads if g is not None]
@@ -82,8 +83,12 @@ class TrainStep:
 
     def run_local(self, images, labels, global_size: int | None = None) -> dict:
         """One step on this process's rows of the global batch (see `Replicas.process_rows`)."""
+        if global_size is None:
+            global_size = len(labels) * self.replicas.size // self.replicas.local_replicas
         distributed = self.replicas.distribute(images, labels, global_size=global_size)
-        metrics, positive, negative = self.replicas.run(self._compiled, distributed)
+        metrics, positive, negative = self.replicas.run(
+            self._compiled, distributed, {"replica_rows": self.replicas.replica_rows(global_size)}
+        )
         first = lambda v: self.replicas.local_results(v)[0]  # noqa: E731
         self.last_distances = {"positive": first(positive), "negative": first(negative)}
         values = np.asarray(first(metrics), np.float64).tolist()

@@ -19,6 +19,7 @@ test: install
 
 bench: install
 	$(PYTHON) -m bench.losses
+	$(PYTHON) -m bench.cross_replica
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

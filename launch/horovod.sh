@@ -30,4 +30,7 @@ if [[ -z ${CUDA_VISIBLE_DEVICES+x} ]] && ! command -v nvidia-smi >/dev/null 2>&1
   # CPU only: give each worker its share of the cores instead of all of them each.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ( $(nproc) + ${hosts[1]} - 1 ) / ${hosts[1]} ))}
 fi
-exec "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "$VENV/bin/python" -m trainer.main "$@"
+# Only the chief prints; drop horovodrun's "[0]<stdout>:" prefix from its lines.
+strip='s/^\[0\]<std\(out\|err\)>://'
+"$VENV/bin/horovodrun" --gloo "${hosts[@]}" "$VENV/bin/python" -m trainer.main "$@" \
+  > >(sed -u "$strip") 2> >(sed -u "$strip" >&2)

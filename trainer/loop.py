@@ -24,6 +24,7 @@ from trainer import export
 from trainer.checkpoints import Checkpoints
 from trainer.evaluation import embed_source, embedding_function, retrieval_metrics
 from trainer.model import digits_convnet, sync_batchnorm
+from trainer.preemption import StopRequest
 from trainer.summaries import Summaries
 from trainer.train_step import TrainStep
 
@@ -190,6 +191,7 @@ def train(
         say(f"already trained to step {first_step} >= train.steps={steps}")
 
     last_step = steps if not stop_after_steps else min(steps, first_step + stop_after_steps)
+    stop = StopRequest()
     rows = replicas.process_rows(global_batch_size)
     batches = train_batches(train_source, sampler, rows, first_step, last_step)
     last_print = window_start = time.time()
@@ -231,6 +233,16 @@ def train(
             checkpoints.save(step)
         if step % eval_every == 0 or step == steps:
             results, embeddings = evaluate(step)
+        if replicas.any_process(stop.requested) and step < last_step:
+            if step % checkpoint_every:
+                checkpoints.save(step)
+            say(
+                f"stopped by {stop.signal_name or 'a stop request on another worker'} at "
+                f"step {step} of {steps}; checkpoint {checkpoints.latest}; run the same "
+                "command to continue",
+                flush=True,
+            )
+            return results
     if last_step < steps:
         say(
             f"stopped at step {last_step} of {steps} (train.stop_after_steps="

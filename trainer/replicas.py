@@ -123,6 +123,10 @@ class Replicas:
         """The chief's `value` (a picklable object) on every process."""
         return value
 
+    def any_process(self, flag: bool) -> bool:
+        """True on every process if `flag` is True on any (one tiny collective)."""
+        return bool(flag)
+
     # --- inside the step ------------------------------------------------------------
     def replica_index(self) -> tf.Tensor:
         """This replica's global index, which is also its slice of the global batch."""
@@ -171,6 +175,12 @@ class MirroredReplicas(Replicas):
 
     def scope(self):
         return self.strategy.scope()
+
+    def any_process(self, flag: bool) -> bool:
+        if self.local_replicas == self.size:  # one process: nothing to ask
+            return bool(flag)
+        value = self.strategy.run(lambda: tf.constant(float(flag)))
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)) > 0
 
     @property
     def local_replicas(self) -> int:
@@ -250,6 +260,10 @@ class HorovodReplicas(Replicas):
 
     def agree(self, value):
         return self.hvd.broadcast_object(value, root_rank=0)
+
+    def any_process(self, flag: bool) -> bool:
+        total = self.hvd.allreduce(tf.constant([float(flag)]), op=self.hvd.Sum)
+        return float(total[0]) > 0
 
     def replica_index(self):
         return tf.constant(self.rank)

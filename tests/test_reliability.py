@@ -1,0 +1,127 @@
+"""Nothing lost, nothing hung: SIGKILL and resume, SIGTERM checkpoints, a dead worker."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import tensorflow as tf
+
+from tests.jobs import ROOT, run_job, scalars
+
+RESUMABLE_JOB = (
+    "distribute.strategy='single'",
+    "train.steps=40",
+    "train.checkpoint_every=10",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.export_model=False",
+)
+
+
+def start_job(workdir, params, launcher=()):
+    command = [*launcher] if launcher else [sys.executable, "-m", "trainer.main"]
+    command += [f"--workdir={workdir}"] + [f"--gin_param={p}" for p in params]
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "VENV": os.path.dirname(os.path.dirname(sys.executable)),
+    }
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def logged_steps(workdir) -> int:
+    try:
+        return len(scalars(workdir, "train/loss"))
+    except KeyError:  # nothing written yet
+        return 0
+
+
+def wait_for(condition, process, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_job_killed_with_sigkill_resumes_as_if_never_stopped(tmp_path):
+    straight = tmp_path / "straight"
+    run_job(straight, RESUMABLE_JOB)
+    killed = tmp_path / "killed"
+    job = start_job(killed, RESUMABLE_JOB)
+    # Killed as soon as the first checkpoint is complete (its index file names it).
+    wait_for(lambda: tf.train.latest_checkpoint(str(killed / "checkpoints")), job)
+    job.send_signal(signal.SIGKILL)
+    job.communicate()
+    assert job.returncode == -signal.SIGKILL
+    resumed = run_job(killed, RESUMABLE_JOB)
+    assert "resumed from" in resumed.stdout and "at step 10" in resumed.stdout
+    expected, got = scalars(straight, "train/loss"), scalars(killed, "train/loss")
+    assert sorted(got) == list(range(1, 41))
+    for step in range(11, 41):
+        np.testing.assert_allclose(got[step], expected[step], rtol=1e-4)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    params = RESUMABLE_JOB[:1] + (
+        "train.steps=100000",
+        "train.checkpoint_every=100000",
+        "train.log_every=1",
+        "train.export_model=False",
+    )
+    job = start_job(tmp_path, params)
+    wait_for(lambda: logged_steps(tmp_path) >= 5, job)
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stderr[-3000:]
+    assert "stopped by SIGTERM at step" in stdout
+    step = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert 5 <= step < 100000
+    assert os.path.exists(tmp_path / "checkpoints" / f"ckpt-{step}.index")
+
+
+def workers_of(process) -> list:
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:  # already ended
+        return []
+
+
+def _is_worker(process) -> bool:
+    try:
+        return process.cmdline()[1:3] == ["-m", "trainer.main"]
+    except psutil.Error:  # gone meanwhile
+        return False
+
+
+def test_a_dead_horovod_worker_ends_the_job_instead_of_hanging(tmp_path):
+    launcher = (os.path.join(ROOT, "launch", "horovod.sh"), "2")
+    params = ("train.steps=100000", "train.log_every=1", "train.checkpoint_every=100000")
+    job = start_job(tmp_path, params, launcher)
+    tree = psutil.Process(job.pid)
+    try:
+        wait_for(lambda: logged_steps(tmp_path) >= 3, job)
+        workers = [p for p in workers_of(tree) if _is_worker(p)]
+        rank_1 = [p for p in workers if p.environ().get("HOROVOD_RANK") == "1"]
+        assert len(workers) == 2 and len(rank_1) == 1, [p.cmdline() for p in workers]
+        killed_at = time.time()
+        rank_1[0].kill()
+        job.communicate(timeout=120)
+        ended_after = time.time() - killed_at
+        assert job.returncode != 0
+        print(f"the job ended {ended_after:.1f} s after a worker was killed")
+        assert ended_after < 60, ended_after
+        time.sleep(1)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+    finally:  # never leave workers behind, whatever failed
+        for p in [*workers_of(tree), tree]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

@@ -235,3 +235,14 @@ def test_image_folder_job_with_a_backbone_from_the_cub_config(tmp_path):
     exported = tf.saved_model.load(str(workdir / "saved_model"))
     out = exported.serve(tf.zeros([2, 32, 32, 3])).numpy()
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-4)
+
+
+def test_resuming_with_an_incompatible_config_names_the_checkpoint(tmp_path):
+    params = ("distribute.strategy='single'", "train.steps=2", "train.export_model=False")
+    run_job(tmp_path, params)
+    written = (tmp_path / "operative_config.gin").read_text()
+    done = run_job(tmp_path, params + ("digits_convnet.width=32",), check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "ckpt-2 was written by an incompatible configuration" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "operative_config.gin").read_text() == written  # left as it was

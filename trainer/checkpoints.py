@@ -13,6 +13,8 @@ import os
 
 import tensorflow as tf
 
+from data.errors import InputError
+
 
 class Checkpoints:
     def __init__(self, directory: str, replicas, keep: int, **trackables):
@@ -29,7 +31,15 @@ class Checkpoints:
         """
         latest = self.manager.latest_checkpoint
         if latest is not None:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            try:
+                self.checkpoint.restore(latest).assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.OpError) as error:
+                first_line = str(error).strip().splitlines()[0][:300]
+                raise InputError(
+                    f"The checkpoint {latest} was written by an incompatible configuration "
+                    f"({first_line}). Resume with the configuration that wrote it (its "
+                    "operative_config.gin is in the workdir), or start in a new --workdir."
+                ) from error
         self.replicas.broadcast_variables([*variables, self.step])
         return int(self.step.numpy())
 

@@ -7,6 +7,7 @@ writes TensorBoard and checkpoints and exports.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -88,12 +89,15 @@ def train(
     progress_seconds: float = 10.0,
     export_model: bool = True,
     stop_after_steps: int | None = None,
+    nonfinite: str = "stop",
 ) -> dict:
     """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
 
     Defaults are the embedded digits job: train on classes 0-5, evaluate on 6-9.
     `stop_after_steps` ends this run (with a checkpoint) after that many steps, for
-    queues with a time limit; the same command then continues the job.
+    queues with a time limit; the same command then continues the job. `nonfinite`:
+    'stop' ends the run at a non-finite loss or gradient (naming the step and the last
+    good checkpoint), 'skip' leaves such steps out and counts them.
     """
     started = time.time()
     chief = replicas.is_chief
@@ -118,6 +122,10 @@ def train(
     _check(
         optimizer in OPTIMIZERS,
         f"Unknown train.optimizer {optimizer!r}; valid: {tuple(OPTIMIZERS)}.",
+    )
+    _check(
+        nonfinite in ("stop", "skip"),
+        f"Unknown train.nonfinite {nonfinite!r}; valid: 'stop', 'skip'.",
     )
     _check(precision in PRECISIONS, f"Unknown train.precision {precision!r}; valid: {PRECISIONS}.")
     loss = loss if loss is not None else TripletSemiHardLoss(margin=0.2, distance="cosine")
@@ -154,6 +162,12 @@ def train(
         )
         if precision == "mixed_float16":
             opt = keras.optimizers.LossScaleOptimizer(opt)
+        elif nonfinite == "skip":
+            # Its skipping of non-finite steps, without loss scaling: the scale stays a
+            # power of two (exact in float32) and never grows.
+            opt = keras.optimizers.LossScaleOptimizer(
+                opt, initial_scale=1.0, dynamic_growth_steps=2**31 - 1
+            )
     step_fn = TrainStep(embedding_model, opt, loss, replicas, cross_replica_mining)
     checkpoints = Checkpoints(
         os.path.join(workdir, "checkpoints"),
@@ -190,55 +204,97 @@ def train(
     if first_step >= steps:
         say(f"already trained to step {first_step} >= train.steps={steps}")
 
-    last_step = steps if not stop_after_steps else min(steps, first_step + stop_after_steps)
-    stop = StopRequest()
-    rows = replicas.process_rows(global_batch_size)
-    batches = train_batches(train_source, sampler, rows, first_step, last_step)
+    job = _Job(
+        workdir=workdir,
+        replicas=replicas,
+        say=say,
+        started=started,
+        steps=steps,
+        global_batch_size=global_batch_size,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        eval_every=eval_every,
+        progress_seconds=progress_seconds,
+        export_model=export_model,
+        stop_after_steps=stop_after_steps,
+        skip_nonfinite=nonfinite == "skip",
+        train_source=train_source,
+        eval_source=eval_source,
+        sampler=sampler,
+        model=embedding_model,
+        schedule=schedule,
+        step_fn=step_fn,
+        checkpoints=checkpoints,
+        summaries=summaries,
+        evaluate=evaluate,
+        first_step=first_step,
+    )
+    with StopRequest() as stop:
+        return _run(job, stop)
+
+
+@dataclasses.dataclass
+class _Job:
+    """Everything the step loop needs, built by `train`."""
+
+    workdir: str
+    replicas: object
+    say: object
+    started: float
+    steps: int
+    global_batch_size: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int
+    progress_seconds: float
+    export_model: bool
+    stop_after_steps: int | None
+    skip_nonfinite: bool
+    train_source: object
+    eval_source: object
+    sampler: PKSampler
+    model: keras.Model
+    schedule: object
+    step_fn: TrainStep
+    checkpoints: Checkpoints
+    summaries: Summaries
+    evaluate: object
+    first_step: int
+
+
+class NumericalError(RuntimeError):
+    """A non-finite loss or gradient stopped the run (no NaN weights were checkpointed)."""
+
+
+def _run(job: _Job, stop: StopRequest) -> dict:
+    """The step loop: train, log, checkpoint, evaluate; then export."""
+    say, steps, first_step = job.say, job.steps, job.first_step
+    last_step = steps if not job.stop_after_steps else min(steps, first_step + job.stop_after_steps)
+    rows = job.replicas.process_rows(job.global_batch_size)
+    batches = train_batches(job.train_source, job.sampler, rows, first_step, last_step)
     last_print = window_start = time.time()
-    window_steps, results = 0, {}
+    window_steps, results, skipped = 0, {}, 0
     for step, (images, labels) in zip(range(first_step + 1, last_step + 1), batches, strict=True):
-        metrics = step_fn.run_local(images, labels, global_size=global_batch_size)
+        metrics = job.step_fn.run_local(images, labels, global_size=job.global_batch_size)
         window_steps += 1
-        if not np.isfinite(metrics["loss"]) or not metrics["finite_gradients"]:
-            raise FloatingPointError(
-                f"Non-finite loss or gradient at step {step} (loss {metrics['loss']}); "
-                f"last good checkpoint: {checkpoints.latest or 'none'}."
-            )
+        skipped += _check_finite(job, metrics, step)
         now = time.time()
-        rate = window_steps * global_batch_size / max(now - window_start, 1e-9)
-        if step % log_every == 0 or step == steps:
-            metrics["learning_rate"] = float(schedule(step - 1))  # the rate this step used
-            metrics["examples_per_second"] = rate
-            summaries.scalars(
-                step, {f"train/{k}": v for k, v in metrics.items() if k != "finite_gradients"}
-            )
-            summaries.histograms(
-                step, {f"train/{k}_distances": v for k, v in step_fn.last_distances.items()}
-            )
-        if now - last_print >= progress_seconds or step in (first_step + 1, last_step):
-            left = (steps - step) * global_batch_size / max(rate, 1e-9)
-            pace = (
-                "(includes compiling)"
-                if step == first_step + 1
-                else f"{rate:,.0f} examples/s  {_duration(left)} left"
-            )
-            say(
-                f"step {step:>6}/{steps}  loss {metrics['loss']:.4f}  "
-                f"active {metrics['active_triplet_fraction']:.3f}  "
-                f"remote negatives {metrics['cross_replica_negative_fraction']:.2f}  {pace}",
-                flush=True,
-            )
+        rate = window_steps * job.global_batch_size / max(now - window_start, 1e-9)
+        if step % job.log_every == 0 or step == steps:
+            _log_step(job, step, metrics, rate, skipped)
+        if now - last_print >= job.progress_seconds or step in (first_step + 1, last_step):
+            _print_progress(job, step, metrics, rate, compiling=step == first_step + 1)
             last_print, window_start, window_steps = now, now, 0
-        if step % checkpoint_every == 0 or step == last_step:
-            checkpoints.save(step)
-        if step % eval_every == 0 or step == steps:
-            results, embeddings = evaluate(step)
-        if replicas.any_process(stop.requested) and step < last_step:
-            if step % checkpoint_every:
-                checkpoints.save(step)
+        if step % job.checkpoint_every == 0 or step == last_step:
+            job.checkpoints.save(step)
+        if step % job.eval_every == 0 or step == steps:
+            results, embeddings = job.evaluate(step)
+        if job.replicas.any_process(stop.requested) and step < last_step:
+            if step % job.checkpoint_every:
+                job.checkpoints.save(step)
             say(
                 f"stopped by {stop.signal_name or 'a stop request on another worker'} at "
-                f"step {step} of {steps}; checkpoint {checkpoints.latest}; run the same "
+                f"step {step} of {steps}; checkpoint {job.checkpoints.latest}; run the same "
                 "command to continue",
                 flush=True,
             )
@@ -246,16 +302,63 @@ def train(
     if last_step < steps:
         say(
             f"stopped at step {last_step} of {steps} (train.stop_after_steps="
-            f"{stop_after_steps}); run the same command to continue"
+            f"{job.stop_after_steps}); run the same command to continue"
         )
         return results
     if not results:
-        results, embeddings = evaluate(max(first_step, steps))
-    summaries.flush()
-    if chief:
-        _write_outputs(workdir, embedding_model, embeddings, eval_source, results, export_model)
-    say(_final_summary(workdir, results, time.time() - started, export_model))
+        results, embeddings = job.evaluate(max(first_step, steps))
+    job.summaries.flush()
+    if job.replicas.is_chief:
+        _write_outputs(
+            job.workdir, job.model, embeddings, job.eval_source, results, job.export_model
+        )
+    say(_final_summary(job.workdir, results, time.time() - job.started, job.export_model))
     return results
+
+
+def _check_finite(job: _Job, metrics: dict, step: int) -> int:
+    """1 if the step was skipped for non-finite values, 0 if fine; raises to stop the run.
+
+    A loss-scale optimizer (mixed_float16, or train.nonfinite='skip') has already left
+    such a step out on every replica; otherwise the weights are now bad, so the run
+    stops before they can be checkpointed.
+    """
+    finite_loss = np.isfinite(metrics["loss"])
+    if finite_loss and metrics["finite_gradients"]:
+        return 0
+    skipping = job.step_fn.skips_nonfinite and (finite_loss or job.skip_nonfinite)
+    if skipping:
+        return 1
+    what = "loss" if not finite_loss else "gradient"
+    raise NumericalError(
+        f"non-finite {what} at step {step} (loss {metrics['loss']}); stopped before "
+        f"saving. Last good checkpoint: {job.checkpoints.latest or 'none'}. "
+        "train.nonfinite='skip' skips such steps instead (counted in train/skipped_steps)."
+    )
+
+
+def _log_step(job: _Job, step: int, metrics: dict, rate: float, skipped: int) -> None:
+    scalars = {f"train/{k}": v for k, v in metrics.items() if k != "finite_gradients"}
+    scalars["train/learning_rate"] = float(job.schedule(step - 1))  # the rate this step used
+    scalars["train/examples_per_second"] = rate
+    if job.step_fn.skips_nonfinite:
+        scalars["train/skipped_steps"] = skipped
+    job.summaries.scalars(step, scalars)
+    distances = job.step_fn.last_distances.items()
+    job.summaries.histograms(step, {f"train/{k}_distances": v for k, v in distances})
+
+
+def _print_progress(job: _Job, step: int, metrics: dict, rate: float, compiling: bool) -> None:
+    left = (job.steps - step) * job.global_batch_size / max(rate, 1e-9)
+    pace = (
+        "(includes compiling)" if compiling else f"{rate:,.0f} examples/s  {_duration(left)} left"
+    )
+    job.say(
+        f"step {step:>6}/{job.steps}  loss {metrics['loss']:.4f}  "
+        f"active {metrics['active_triplet_fraction']:.3f}  "
+        f"remote negatives {metrics['cross_replica_negative_fraction']:.2f}  {pace}",
+        flush=True,
+    )
 
 
 class Evaluator:

@@ -18,6 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 
 import trainer.config  # noqa: E402, F401  (registers the configurables)
 from data.errors import InputError  # noqa: E402
+from trainer.loop import NumericalError  # noqa: E402
 from trainer.replicas import make_replicas  # noqa: E402
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -79,11 +80,19 @@ def run(argv) -> int:
 def main(argv) -> None:
     try:
         sys.exit(run(argv))
+    except NumericalError as error:  # diverged: say where, and what is safe to resume
+        report(error)
+        sys.exit(3)
     except InputError as error:  # the user's to fix: one message, no traceback
-        lines = str(error).splitlines()
-        message = "\n".join(line for line in lines if "In call to configurable" not in line)
-        print(f"error: {message}", file=sys.stderr)
+        report(error)
         sys.exit(2)
+
+
+def report(error: Exception) -> None:
+    """The error's message on stderr, without gin's "In call to configurable" lines."""
+    lines = str(error).splitlines()
+    message = "\n".join(line for line in lines if "In call to configurable" not in line)
+    print(f"error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    def restore(self) -> None:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
         """Puts back the handlers that were installed before."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)

@@ -48,6 +48,7 @@ class TrainStep:
             else None
         )
         self._compiled = tf.function(self._replica_step)
+        self.skips_nonfinite = self._scale_loss is not None  # the optimizer leaves them out
         self.last_distances = {}
 
     def _replica_step(self, images, labels, replica_rows=None):
@@ -63,10 +64,17 @@ class TrainStep:
             self._scale_loss,
             replica_rows,
         )
+        grads = result.grads
         finite = tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(g)) for g in result.grads if g is not None]
+            [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
         )
-        self.replicas.apply_gradients(self.optimizer, result.grads, variables)
+        if self._scale_loss is not None:
+            # The loss-scale optimizer skips a step whose gradients are not finite; make
+            # every replica see the same verdict, or some would update and others not.
+            bad = self.replicas.all_reduce_sum(1.0 - tf.cast(finite, tf.float32))
+            finite = bad == 0.0
+            grads = [None if g is None else tf.where(finite, g, float("nan")) for g in grads]
+        self.replicas.apply_gradients(self.optimizer, grads, variables)
         s = result.stats
         metrics = tf.stack(
             [

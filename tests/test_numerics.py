@@ -1,0 +1,69 @@
+"""Non-finite values: the run stops naming the step and the last good checkpoint, and never
+checkpoints NaN weights; with train.nonfinite='skip' such steps are left out and counted."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data.sampler import PKSampler
+from data.sources import Source, digits
+from tests.jobs import scalars
+from trainer.loop import NumericalError, train
+from trainer.replicas import Replicas
+
+
+def poisoned_digits():
+    """Digits 0-5 with NaN pixels in one example that the sampler first draws at step 3."""
+    clean = digits(classes=(0, 6))
+    sampler = PKSampler(clean.labels, 6, 16, seed=0)
+    earlier = set(sampler.global_batch(0)) | set(sampler.global_batch(1))
+    bad = next(i for i in sampler.global_batch(2) if i not in earlier)  # reported as step 3
+    items = clean.items.copy()
+    items[bad] = np.nan
+    return Source("poisoned digits", items, clean.labels, "pixels", clean.class_names)
+
+
+def run(workdir, nonfinite, steps):
+    return train(
+        str(workdir),
+        Replicas(),
+        steps=steps,
+        train_data=poisoned_digits,
+        nonfinite=nonfinite,
+        checkpoint_every=1,
+        log_every=1,
+        eval_every=1000,
+        export_model=False,
+        keep_checkpoints=100,
+    )
+
+
+def model_weights(checkpoint):
+    # The model's weights, stored once, under the optimizer's path to them.
+    names = [n for n, _ in tf.train.list_variables(checkpoint) if "_trainable_variables/" in n]
+    assert names
+    return {n: tf.train.load_variable(checkpoint, n) for n in names}
+
+
+def test_a_nan_stops_the_run_before_saving_and_names_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NumericalError, match=r"non-finite (loss|gradient) at step 3 .*ckpt-2"):
+        run(tmp_path, "stop", steps=10)
+    checkpoints = tmp_path / "checkpoints"
+    assert tf.train.latest_checkpoint(str(checkpoints)).endswith("ckpt-2")
+    assert not (checkpoints / "ckpt-3.index").exists()
+    for value in model_weights(str(checkpoints / "ckpt-2")).values():
+        assert np.all(np.isfinite(value))
+
+
+def test_skip_mode_leaves_bad_steps_out_and_counts_them(tmp_path):
+    results = run(tmp_path, "skip", steps=8)
+    assert set(results) == {"recall@1", "recall@4", "map@r"}
+    skipped = scalars(tmp_path, "train/skipped_steps")
+    assert skipped[2] == 0 and skipped[3] == 1 and skipped[8] >= 1
+    before = model_weights(str(tmp_path / "checkpoints" / "ckpt-2"))
+    after_bad = model_weights(str(tmp_path / "checkpoints" / "ckpt-3"))
+    after_good = model_weights(str(tmp_path / "checkpoints" / "ckpt-4"))
+    for name, value in before.items():
+        np.testing.assert_array_equal(after_bad[name], value)  # the bad step changed nothing
+        assert np.all(np.isfinite(after_good[name]))
+    assert any(not np.array_equal(after_good[n], before[n]) for n in before)

@@ -14,6 +14,7 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+from data.errors import InputError
 from data.sampler import PKSampler
 from data.sources import Source
 
@@ -169,3 +170,42 @@ def eval_batches(source: Source, rows: list[tuple[int, int]], preprocessing=None
         )
         .prefetch(AUTOTUNE)
     )
+
+
+@gin.configurable
+def verify_images(source: Source, on_corrupt: str = "stop") -> tuple[Source, list[str]]:
+    """Decodes every image of a file or record source once, before training.
+
+    A corrupt image found mid-run would stop the job hours in (or, if dropped there,
+    leave the workers with batches of different sizes). `on_corrupt='stop'` raises an
+    error naming the files; `'skip'` leaves them out of the source and returns their names.
+    """
+    if on_corrupt not in ("stop", "skip"):
+        raise InputError(f"Unknown verify_images.on_corrupt {on_corrupt!r}; valid: 'stop', 'skip'.")
+    if source.kind == "pixels":
+        return source, []
+    load = _load(source)
+    decodable = (
+        tf.data.Dataset.range(len(source))
+        .map(lambda i: (i, tf.size(load(i))), num_parallel_calls=AUTOTUNE)
+        .ignore_errors()
+        .batch(1024)
+    )
+    good = np.zeros(len(source), bool)
+    for indices, _ in decodable:
+        good[indices.numpy()] = True
+    bad = [_describe(source, i) for i in np.flatnonzero(~good)]
+    if bad and on_corrupt == "stop":
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise InputError(
+            f"{len(bad)} image(s) of {source.name} cannot be decoded: {shown}. Fix or remove "
+            "them, or set verify_images.on_corrupt='skip' to leave them out."
+        )
+    kept = Source(
+        source.name, source.items[good], source.labels[good], source.kind, source.class_names
+    )
+    return kept, bad
+
+
+def _describe(source: Source, index: int) -> str:
+    return str(source.items[index]) if source.kind == "file" else f"record #{index}"

@@ -30,7 +30,31 @@ if [[ -z ${CUDA_VISIBLE_DEVICES+x} ]] && ! command -v nvidia-smi >/dev/null 2>&1
   # CPU only: give each worker its share of the cores instead of all of them each.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ( $(nproc) + ${hosts[1]} - 1 ) / ${hosts[1]} ))}
 fi
-# Only the chief prints; drop horovodrun's "[0]<stdout>:" prefix from its lines.
+# Only the chief prints; drop horovodrun's "[0]<stdout>:" prefix from its lines. When a
+# worker fails, horovodrun raises a traceback of its own: replace it by one line, and
+# exit with the failed worker's status (2 for a configuration mistake).
 strip='s/^\[0\]<std\(out\|err\)>://'
+status_file=$(mktemp)
+trap 'rm -f "$status_file"' EXIT
+summarize='
+  /^Traceback \(most recent call last\):$/ { held = 1; next }
+  held && /^RuntimeError: Horovod detected/ { next }
+  held && /^Process name: / { worker = $3; next }
+  held && /^Exit code: / {
+    print "horovodrun: worker " worker " exited with status " $3 "; the job was stopped"
+    print $3 > status; held = 0; next }
+  held { next }
+  { print; fflush() }'
+set +e
 "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "$VENV/bin/python" -m trainer.main "$@" \
-  > >(sed -u "$strip") 2> >(sed -u "$strip" >&2)
+  > >(sed -u "$strip") 2> >(awk -v status="$status_file" "$summarize" | sed -u "$strip" >&2)
+rc=$?
+set -e
+if [[ $rc -ne 0 ]]; then
+  for _ in $(seq 50); do [[ -s $status_file ]] && break; sleep 0.1; done  # filters finish
+fi
+if [[ $rc -ne 0 && -s $status_file ]]; then
+  rc=$(cat "$status_file")
+  (( rc > 0 && rc < 256 )) || rc=1
+fi
+exit "$rc"

@@ -174,3 +174,20 @@ def test_tfrecord_source_reads_images_and_maps_labels_to_positions(tmp_path):
     assert second.labels.tolist() == [1, 1, 2]
     with pytest.raises(InputError, match="matches no file"):
         tfrecord(str(tmp_path / "*.nothing"))
+
+
+def test_corrupt_images_stop_the_job_by_name_or_are_skipped(tmp_path):
+    from data.pipeline import verify_images
+
+    root = _write_folder(tmp_path / "images", ["a", "b"], 3)
+    (root / "b" / "9.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    source = image_folder(str(root))
+    assert len(source) == 7
+    with pytest.raises(InputError, match=r"1 image\(s\) .* cannot be decoded: .*/b/9.jpg"):
+        verify_images(source)
+    kept, skipped = verify_images(source, on_corrupt="skip")
+    assert skipped == [str(root / "b" / "9.jpg")]
+    assert len(kept) == 6 and str(root / "b" / "9.jpg") not in list(kept.items)
+    assert kept.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    clean, none = verify_images(digits(classes=(0, 2)))
+    assert none == [] and len(clean) == len(digits(classes=(0, 2)))

@@ -6,6 +6,7 @@ embedded digits job made short.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -246,3 +247,11 @@ def test_resuming_with_an_incompatible_config_names_the_checkpoint(tmp_path):
     assert "ckpt-2 was written by an incompatible configuration" in done.stderr
     assert "Traceback" not in done.stderr
     assert (tmp_path / "operative_config.gin").read_text() == written  # left as it was
+
+
+def test_a_mistake_under_horovodrun_is_one_message_and_status_2(tmp_path):
+    done = run_job(tmp_path / "w", ("train.stepz=5",), HOROVOD_2, check=False, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("doesn't have a parameter named 'stepz'") == 1  # chief only
+    assert re.search(r"horovodrun: worker \d exited with status 2", done.stderr)
+    assert "Traceback" not in done.stderr

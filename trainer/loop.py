@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from data.errors import InputError
-from data.pipeline import train_batches
+from data.pipeline import train_batches, verify_images
 from data.sampler import PKSampler
 from data.sources import digits
 from losses import TripletSemiHardLoss
@@ -132,6 +132,12 @@ def train(
 
     train_source = (train_data or (lambda: digits(classes=(0, 6))))()
     eval_source = (eval_data or (lambda: digits(classes=(6, 10))))()
+    train_source, corrupt = verify_images(train_source)
+    eval_source, corrupt_eval = verify_images(eval_source)
+    for name in (corrupt + corrupt_eval)[:5]:
+        say(f"  skipped corrupt image {name}")
+    if corrupt or corrupt_eval:
+        say(f"skipped {len(corrupt)} corrupt training and {len(corrupt_eval)} eval images")
     sampler = PKSampler(
         train_source.labels, global_batch_size // examples_per_class, examples_per_class, seed
     )
@@ -178,6 +184,8 @@ def train(
     )
     first_step = checkpoints.restore([*embedding_model.variables, *opt.variables])
     summaries = Summaries(workdir, enabled=chief)
+    if corrupt or corrupt_eval:
+        summaries.scalars(first_step, {"data/skipped_corrupt_images": len(corrupt + corrupt_eval)})
     evaluate = Evaluator(
         embedding_model,
         replicas,

@@ -89,7 +89,12 @@ def main(argv) -> None:
 
 
 def report(error: Exception) -> None:
-    """The error's message on stderr, without gin's "In call to configurable" lines."""
+    """The error's message on stderr, without gin's "In call to configurable" lines.
+
+    Every worker meets the same error; under horovodrun only the chief reports it.
+    """
+    if os.environ.get("HOROVOD_RANK", "0") != "0":
+        return
     lines = str(error).splitlines()
     message = "\n".join(line for line in lines if "In call to configurable" not in line)
     print(f"error: {message}", file=sys.stderr)

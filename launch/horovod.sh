@@ -45,10 +45,20 @@ summarize='
     print $3 > status; held = 0; next }
   held { next }
   { print; fflush() }'
+# SIGTERM (a scheduler pre-empting the job) is passed on to horovodrun; the workers stop
+# together at the next step with a checkpoint. The output filters outlive it.
 set +e
 "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "$VENV/bin/python" -m trainer.main "$@" \
-  > >(sed -u "$strip") 2> >(awk -v status="$status_file" "$summarize" | sed -u "$strip" >&2)
+  > >(trap '' TERM INT; exec sed -u "$strip") \
+  2> >(trap '' TERM INT; awk -v status="$status_file" "$summarize" | sed -u "$strip" >&2) &
+child=$!
+trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+wait "$child"
 rc=$?
+if [[ $rc -gt 128 ]] && kill -0 "$child" 2>/dev/null; then  # wait was interrupted
+  wait "$child"
+  rc=$?
+fi
 set -e
 if [[ $rc -ne 0 ]]; then
   for _ in $(seq 50); do [[ -s $status_file ]] && break; sleep 0.1; done  # filters finish

@@ -125,3 +125,26 @@ def test_a_dead_horovod_worker_ends_the_job_instead_of_hanging(tmp_path):
                 p.kill()
             except psutil.Error:
                 pass
+
+
+def test_sigterm_to_the_horovod_launcher_stops_all_workers_at_one_checkpoint(tmp_path):
+    launcher = (os.path.join(ROOT, "launch", "horovod.sh"), "2")
+    params = ("train.steps=100000", "train.log_every=1", "train.checkpoint_every=100000")
+    job = start_job(tmp_path, params, launcher)
+    tree = psutil.Process(job.pid)
+    try:
+        wait_for(lambda: logged_steps(tmp_path) >= 3, job)
+        workers = [p for p in workers_of(tree) if _is_worker(p)]
+        job.send_signal(signal.SIGTERM)  # the launcher only, as a batch scheduler would
+        stdout, stderr = job.communicate(timeout=120)
+        assert job.returncode == 0, stderr[-3000:]
+        step = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
+        assert os.path.exists(tmp_path / "checkpoints" / f"ckpt-{step}.index")
+        time.sleep(1)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+    finally:
+        for p in [*workers_of(tree), tree]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

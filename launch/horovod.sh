@@ -45,14 +45,29 @@ summarize='
     print $3 > status; held = 0; next }
   held { next }
   { print; fflush() }'
-# SIGTERM (a scheduler pre-empting the job) is passed on to horovodrun; the workers stop
-# together at the next step with a checkpoint. The output filters outlive it.
+# SIGTERM or SIGINT (a scheduler pre-empting the job, Ctrl-C) goes straight to this
+# machine's workers, which agree with the others to stop at the next step and write a
+# checkpoint. horovodrun runs in a session of its own: signalled itself, it would give
+# the workers 5 seconds and then kill them. The output filters ignore the signal.
+descendants() {
+  local p
+  for p in $(pgrep -P "$1"); do echo "$p"; descendants "$p"; done
+}
+stop_workers() {  # the python workers, not the shells horovodrun starts them with
+  local p args
+  for p in $(descendants "$child"); do
+    mapfile -d '' args < "/proc/$p/cmdline" 2>/dev/null || continue
+    if [[ ${args[1]-} == -m && ${args[2]-} == trainer.main ]]; then
+      kill -TERM "$p" 2>/dev/null
+    fi
+  done
+}
 set +e
-"$VENV/bin/horovodrun" --gloo "${hosts[@]}" "$VENV/bin/python" -m trainer.main "$@" \
+setsid "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "$VENV/bin/python" -m trainer.main "$@" \
   > >(trap '' TERM INT; exec sed -u "$strip") \
   2> >(trap '' TERM INT; awk -v status="$status_file" "$summarize" | sed -u "$strip" >&2) &
 child=$!
-trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+trap stop_workers TERM INT
 wait "$child"
 rc=$?
 if [[ $rc -gt 128 ]] && kill -0 "$child" 2>/dev/null; then  # wait was interrupted

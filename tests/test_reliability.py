@@ -1,5 +1,6 @@
 """Nothing lost, nothing hung: SIGKILL and resume, SIGTERM checkpoints, a dead worker."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -100,16 +101,35 @@ def _is_worker(process) -> bool:
         return False
 
 
-def test_a_dead_horovod_worker_ends_the_job_instead_of_hanging(tmp_path):
+def all_gone(processes) -> bool:
+    time.sleep(1)
+    return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
+
+
+@contextlib.contextmanager
+def long_horovod_job(workdir):
+    """A 2-worker job under launch/horovod.sh, once it has logged 3 steps: (launcher,
+    worker processes). Whatever happens, nothing is left running afterwards."""
     launcher = (os.path.join(ROOT, "launch", "horovod.sh"), "2")
     params = ("train.steps=100000", "train.log_every=1", "train.checkpoint_every=100000")
-    job = start_job(tmp_path, params, launcher)
+    job = start_job(workdir, params, launcher)
     tree = psutil.Process(job.pid)
     try:
-        wait_for(lambda: logged_steps(tmp_path) >= 3, job)
+        wait_for(lambda: logged_steps(workdir) >= 3, job)
         workers = [p for p in workers_of(tree) if _is_worker(p)]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        yield job, workers
+    finally:
+        for p in [*workers_of(tree), tree]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def test_a_dead_horovod_worker_ends_the_job_instead_of_hanging(tmp_path):
+    with long_horovod_job(tmp_path) as (job, workers):
         rank_1 = [p for p in workers if p.environ().get("HOROVOD_RANK") == "1"]
-        assert len(workers) == 2 and len(rank_1) == 1, [p.cmdline() for p in workers]
         killed_at = time.time()
         rank_1[0].kill()
         job.communicate(timeout=120)
@@ -117,34 +137,14 @@ def test_a_dead_horovod_worker_ends_the_job_instead_of_hanging(tmp_path):
         assert job.returncode != 0
         print(f"the job ended {ended_after:.1f} s after a worker was killed")
         assert ended_after < 60, ended_after
-        time.sleep(1)
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
-    finally:  # never leave workers behind, whatever failed
-        for p in [*workers_of(tree), tree]:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        assert all_gone(workers)
 
 
 def test_sigterm_to_the_horovod_launcher_stops_all_workers_at_one_checkpoint(tmp_path):
-    launcher = (os.path.join(ROOT, "launch", "horovod.sh"), "2")
-    params = ("train.steps=100000", "train.log_every=1", "train.checkpoint_every=100000")
-    job = start_job(tmp_path, params, launcher)
-    tree = psutil.Process(job.pid)
-    try:
-        wait_for(lambda: logged_steps(tmp_path) >= 3, job)
-        workers = [p for p in workers_of(tree) if _is_worker(p)]
+    with long_horovod_job(tmp_path) as (job, workers):
         job.send_signal(signal.SIGTERM)  # the launcher only, as a batch scheduler would
         stdout, stderr = job.communicate(timeout=120)
         assert job.returncode == 0, stderr[-3000:]
         step = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
         assert os.path.exists(tmp_path / "checkpoints" / f"ckpt-{step}.index")
-        time.sleep(1)
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
-    finally:
-        for p in [*workers_of(tree), tree]:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        assert all_gone(workers)

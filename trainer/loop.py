@@ -293,20 +293,20 @@ def _run(job: _Job, stop: StopRequest) -> dict:
         if now - last_print >= job.progress_seconds or step in (first_step + 1, last_step):
             _print_progress(job, step, metrics, rate, compiling=step == first_step + 1)
             last_print, window_start, window_steps = now, now, 0
-        if step % job.checkpoint_every == 0 or step == last_step:
-            job.checkpoints.save(step)
-        if step % job.eval_every == 0 or step == steps:
-            results, embeddings = job.evaluate(step)
         if job.replicas.any_process(stop.requested) and step < last_step:
-            if step % job.checkpoint_every:
-                job.checkpoints.save(step)
+            job.checkpoints.save(step)  # and straight out: the scheduler's grace is short
             say(
                 f"stopped by {stop.signal_name or 'a stop request on another worker'} at "
                 f"step {step} of {steps}; checkpoint {job.checkpoints.latest}; run the same "
                 "command to continue",
                 flush=True,
             )
+            job.summaries.flush()
             return results
+        if step % job.checkpoint_every == 0 or step == last_step:
+            job.checkpoints.save(step)
+        if step % job.eval_every == 0 or step == steps:
+            results, embeddings = job.evaluate(step)
     if last_step < steps:
         say(
             f"stopped at step {last_step} of {steps} (train.stop_after_steps="

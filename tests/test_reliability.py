@@ -148,3 +148,26 @@ def test_sigterm_to_the_horovod_launcher_stops_all_workers_at_one_checkpoint(tmp
         step = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
         assert os.path.exists(tmp_path / "checkpoints" / f"ckpt-{step}.index")
         assert all_gone(workers)
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_ignored(tmp_path):
+    """TensorFlow writes a checkpoint's files before the index that names it: files of a
+    save that was killed half-way are never read; the job resumes from the one before."""
+    params = RESUMABLE_JOB[:1] + (
+        "train.checkpoint_every=10",
+        "train.eval_every=1000",
+        "train.export_model=False",
+    )
+    run_job(tmp_path, params + ("train.steps=20",))
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "ckpt-30.index").write_bytes(b"half written")
+    (checkpoints / "ckpt-30.data-00000-of-00001").write_bytes(b"\0" * 100)
+    resumed = run_job(tmp_path, params + ("train.steps=30",))
+    assert "resumed from" in resumed.stdout and "ckpt-20 at step 20" in resumed.stdout
+    assert tf.train.latest_checkpoint(str(checkpoints)).endswith("ckpt-30")
+    assert (
+        tf.train.load_checkpoint(str(checkpoints / "ckpt-30")).get_tensor(
+            "step/.ATTRIBUTES/VARIABLE_VALUE"
+        )
+        == 30
+    )

@@ -116,3 +116,27 @@ def test_mixed_bfloat16_trains_with_float32_loss_and_weights():
         )
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_imagenet_weights_are_loaded_from_the_keras_cache(tmp_path, monkeypatch):
+    """The cache lookup and the load, with a stand-in file in the legacy .h5 format of
+    Keras' published ImageNet weights (no download happens)."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    source = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg"
+    )
+    rng = np.random.default_rng(0)
+    for v in source.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.01)
+    path = tmp_path / "models" / "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, source)
+    assert imagenet_weights("MobileNetV3Small") == str(path)
+    model = backbone_embedding("MobileNetV3Small", embedding_dim=8, image_size=32)
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    for loaded, written in zip(backbone.weights, source.weights, strict=True):
+        np.testing.assert_array_equal(loaded.numpy(), written.numpy())

@@ -68,8 +68,8 @@ def _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distanc
     keys = as_float32_embeddings(keys, "keys")
     anchor_labels = mining.check_labels(anchor_labels, "labels")
     key_labels = mining.check_labels(key_labels, "key_labels")
-    _check_batch(anchor_labels, anchors, "labels", "embeddings")
-    _check_batch(key_labels, keys, "key_labels", "keys")
+    anchor_labels, anchors = _check_batch(anchor_labels, anchors, "labels", "embeddings")
+    key_labels, keys = _check_batch(key_labels, keys, "key_labels", "keys")
     key_labels = tf.cast(key_labels, anchor_labels.dtype)
     distances = pairwise_distances(anchors, keys, distance)
     masks = mining.label_masks(anchor_labels, anchor_positions, key_labels)
@@ -77,17 +77,24 @@ def _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distanc
 
 
 def _check_batch(labels, embeddings, labels_name, embeddings_name):
+    """(labels, embeddings), checked to hold the same number of rows.
+
+    Inside a tf.function the returned tensors depend on the runtime check, so no op
+    that uses them runs (and fails less clearly) before it.
+    """
     static_l, static_e = labels.shape[0], embeddings.shape[0]
     if static_l is not None and static_e is not None and static_l != static_e:
         raise ValueError(
             f"`{labels_name}` has {static_l} entries but `{embeddings_name}` has "
             f"{static_e} rows; they must match."
         )
-    tf.debugging.assert_equal(
+    check = tf.debugging.assert_equal(
         tf.shape(labels)[0],
         tf.shape(embeddings)[0],
         message=f"`{labels_name}` and `{embeddings_name}` have different batch sizes",
     )
+    with tf.control_dependencies([check] if check is not None else []):  # None when eager
+        return tf.identity(labels), tf.identity(embeddings)
 
 
 def _observed(distances, mask) -> tf.Tensor:
@@ -227,7 +234,7 @@ def whole_batch(labels, embeddings):
     """The single-device case: the batch is both the anchors and the keys."""
     labels = mining.check_labels(labels, "labels")
     embeddings = as_float32_embeddings(embeddings, "embeddings")
-    _check_batch(labels, embeddings, "labels", "embeddings")
+    labels, embeddings = _check_batch(labels, embeddings, "labels", "embeddings")
     positions = tf.range(tf.shape(labels)[0])
     return embeddings, labels, positions, embeddings, labels
 

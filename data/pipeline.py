@@ -10,6 +10,8 @@ is still a function of the seed and the step alone.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gin
 import numpy as np
 import tensorflow as tf
@@ -201,10 +203,7 @@ def verify_images(source: Source, on_corrupt: str = "stop") -> tuple[Source, lis
             f"{len(bad)} image(s) of {source.name} cannot be decoded: {shown}. Fix or remove "
             "them, or set verify_images.on_corrupt='skip' to leave them out."
         )
-    kept = Source(
-        source.name, source.items[good], source.labels[good], source.kind, source.class_names
-    )
-    return kept, bad
+    return dataclasses.replace(source, items=source.items[good], labels=source.labels[good]), bad
 
 
 def _describe(source: Source, index: int) -> str:

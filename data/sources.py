@@ -14,9 +14,9 @@ any split.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
-from typing import NamedTuple
 
 import gin
 import numpy as np
@@ -27,7 +27,8 @@ from data.errors import InputError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
-class Source(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Source:
     """One dataset split: `items[i]` has label `labels[i]`."""
 
     name: str

@@ -23,17 +23,35 @@ SHORT_JOB = (
 )
 
 
+def job_command(workdir, params=(), launcher=(), extra=()) -> list[str]:
+    """`python -m trainer.main` (or a launch script) with `--gin_param`s."""
+    command = [*launcher] if launcher else [sys.executable, "-m", "trainer.main"]
+    return command + [f"--workdir={workdir}", *extra] + [f"--gin_param={p}" for p in params]
+
+
+def job_env() -> dict:
+    """This environment, with the launch scripts pointed at the running virtualenv."""
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "VENV": venv}
+
+
+def start_job(workdir, params=(), launcher=()) -> subprocess.Popen:
+    """Starts the trainer without waiting (for tests that signal or kill it)."""
+    return subprocess.Popen(
+        job_command(workdir, params, launcher),
+        cwd=ROOT,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_job(workdir, params=(), launcher=(), timeout=300, check=True, extra=()):
     """Runs the trainer with `--gin_param`s, optionally under a launch script."""
-    command = [*launcher] if launcher else [sys.executable, "-m", "trainer.main"]
-    command += [f"--workdir={workdir}", *extra] + [f"--gin_param={p}" for p in params]
-    env = {
-        **os.environ,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "VENV": os.path.dirname(os.path.dirname(sys.executable)),
-    }
+    command = job_command(workdir, params, launcher, extra)
     done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        command, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout
     )
     if check and done.returncode != 0:
         raise AssertionError(

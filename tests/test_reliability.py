@@ -3,15 +3,13 @@
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import psutil
 import tensorflow as tf
 
-from tests.jobs import ROOT, run_job, scalars
+from tests.jobs import ROOT, run_job, scalars, start_job
 
 RESUMABLE_JOB = (
     "distribute.strategy='single'",
@@ -21,19 +19,6 @@ RESUMABLE_JOB = (
     "train.eval_every=1000",
     "train.export_model=False",
 )
-
-
-def start_job(workdir, params, launcher=()):
-    command = [*launcher] if launcher else [sys.executable, "-m", "trainer.main"]
-    command += [f"--workdir={workdir}"] + [f"--gin_param={p}" for p in params]
-    env = {
-        **os.environ,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "VENV": os.path.dirname(os.path.dirname(sys.executable)),
-    }
-    return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 def logged_steps(workdir) -> int:

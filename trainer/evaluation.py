@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from data.pipeline import eval_batches
 from losses import pairwise_distances
 
 
@@ -78,20 +79,18 @@ def embed_source(embed_and_gather, replicas, source, chunk_size: int = 512) -> n
     Each replica embeds its slice of each chunk and the slices are all-gathered
     (`embedding_function`), so the work is sharded and every process ends with all rows.
     """
-    from data.pipeline import eval_batches
-
     chunks = eval_chunks(len(source), chunk_size, replicas.size)
-    rows = [replicas_rows(replicas, start, end) for start, end in chunks]
+    my_rows = [_process_rows_of_chunk(replicas, start, end) for start, end in chunks]
     parts = []
-    for (start, end), (images, _) in zip(chunks, eval_batches(source, rows), strict=True):
+    for (start, end), (images, _) in zip(chunks, eval_batches(source, my_rows), strict=True):
         distributed = replicas.distribute(images, global_size=end - start)
-        rows = {"replica_rows": replicas.replica_rows(end - start)}
-        gathered = replicas.run(embed_and_gather, distributed, rows)
+        layout = {"replica_rows": replicas.replica_rows(end - start)}
+        gathered = replicas.run(embed_and_gather, distributed, layout)
         parts.append(np.asarray(replicas.local_results(gathered)[0]))
     return np.concatenate(parts)
 
 
-def replicas_rows(replicas, start: int, end: int) -> tuple[int, int]:
+def _process_rows_of_chunk(replicas, start: int, end: int) -> tuple[int, int]:
     """This process's rows of the chunk [start, end), as absolute indices."""
     first, last = replicas.process_rows(end - start)
     return start + first, start + last

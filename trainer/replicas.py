@@ -97,9 +97,9 @@ class Replicas:
         first = self.first_local_replica
         return bounds[first][0], bounds[first + self.local_replicas - 1][1]
 
-    def distribute(self, *local_arrays, global_size: int | None = None):
+    def distribute(self, *local_arrays, global_size: int):
         """This process's rows (`process_rows(global_size)`) split among its local
-        replicas, ready for `run`. `global_size` defaults to rows × processes."""
+        replicas, ready for `run`."""
         return tuple(tf.convert_to_tensor(a) for a in local_arrays)
 
     def split(self, *global_arrays):
@@ -186,10 +186,8 @@ class MirroredReplicas(Replicas):
     def local_replicas(self) -> int:
         return len(self.strategy.extended.worker_devices)
 
-    def distribute(self, *local_arrays, global_size=None):
+    def distribute(self, *local_arrays, global_size: int):
         local_arrays = [tf.convert_to_tensor(a) for a in local_arrays]
-        if global_size is None:
-            global_size = int(local_arrays[0].shape[0]) * self.size // self.local_replicas
         bounds = slice_bounds(global_size, self.size)
         offset = bounds[self.first_local_replica][0]
 

@@ -89,10 +89,9 @@ class TrainStep:
         )
         return metrics, result.terms.positive_distances, result.terms.negative_distances
 
-    def run_local(self, images, labels, global_size: int | None = None) -> dict:
-        """One step on this process's rows of the global batch (see `Replicas.process_rows`)."""
-        if global_size is None:
-            global_size = len(labels) * self.replicas.size // self.replicas.local_replicas
+    def run_local(self, images, labels, global_size: int) -> dict:
+        """One step on this process's rows of a global batch of `global_size` rows
+        (see `Replicas.process_rows`)."""
         distributed = self.replicas.distribute(images, labels, global_size=global_size)
         metrics, positive, negative = self.replicas.run(
             self._compiled, distributed, {"replica_rows": self.replicas.replica_rows(global_size)}

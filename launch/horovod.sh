@@ -5,11 +5,18 @@
 #   launch/horovod.sh hosts.txt --gin_file=cub200 ...    workers on the hosts listed in a
 #                                                        hosts file, "host slots=N" per line
 #                                                        (passwordless ssh between them)
-# One worker per GPU; on a CPU-only machine the workers share the cores.
+#   launch/horovod.sh --elastic 4 16 discover.sh ...     elastic: 4 to 16 workers on the hosts
+#                                                        that the executable discover.sh
+#                                                        prints, "host:slots" per line; it is
+#                                                        run again every second, and workers
+#                                                        that die or leave are dropped
+# One worker per GPU; on a CPU-only machine the workers share the cores. HOROVODRUN_ARGS
+# adds flags of horovodrun's own, e.g. "--blacklist-cooldown-range 60 300".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+usage="usage: launch/horovod.sh N|HOSTFILE|--elastic MIN MAX DISCOVER [trainer.main flags...]"
 if [[ $# -lt 1 ]]; then
-  echo "usage: launch/horovod.sh N|HOSTFILE [trainer.main flags...]" >&2
+  echo "$usage" >&2
   exit 2
 fi
 target=$1; shift
@@ -18,22 +25,36 @@ export METRIC_TRAINER_RUN_ID=${METRIC_TRAINER_RUN_ID:-$(date +%Y%m%d-%H%M%S)}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 VENV=${VENV:-.venv}
 if [[ $target =~ ^[0-9]+$ ]]; then
+  workers=$target
   hosts=(-np "$target" -H "localhost:$target")
+elif [[ $target == --elastic ]]; then
+  if [[ $# -lt 3 || ! $1 =~ ^[1-9][0-9]*$ || ! $2 =~ ^[1-9][0-9]*$ || $1 -gt $2 ]]; then
+    echo "$usage (1 <= MIN <= MAX)" >&2
+    exit 2
+  fi
+  if [[ ! -x $3 ]]; then
+    echo "launch/horovod.sh: host discovery script $3 is not an executable file" >&2
+    exit 2
+  fi
+  workers=$2
+  hosts=(-np "$1" --min-np "$1" --max-np "$2" --host-discovery-script "$(realpath "$3")")
+  shift 3
 elif [[ -f $target ]]; then
-  slots=$(awk '{n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) n = substr($i, 7); s += n} END {print s}' "$target")
-  hosts=(-np "$slots" --hostfile "$target")
+  workers=$(awk '{n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) n = substr($i, 7); s += n} END {print s}' "$target")
+  hosts=(-np "$workers" --hostfile "$target")
 else
   echo "launch/horovod.sh: $target is neither a worker count nor a hosts file" >&2
   exit 2
 fi
 if [[ -z ${CUDA_VISIBLE_DEVICES+x} ]] && ! command -v nvidia-smi >/dev/null 2>&1; then
   # CPU only: give each worker its share of the cores instead of all of them each.
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ( $(nproc) + ${hosts[1]} - 1 ) / ${hosts[1]} ))}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ( $(nproc) + workers - 1 ) / workers ))}
 fi
-# Only the chief prints; drop horovodrun's "[0]<stdout>:" prefix from its lines. When a
+# Only the chief prints; drop horovodrun's "[0]<stdout>:" prefixes (in an elastic job the
+# chief can be a worker that started with another rank). When a
 # worker fails, horovodrun raises a traceback of its own: replace it by one line, and
 # exit with the failed worker's status (2 for a configuration mistake).
-strip='s/^\[0\]<std\(out\|err\)>://'
+strip='s/^\[[0-9]\+\]<std\(out\|err\)>://'
 status_file=$(mktemp)
 trap 'rm -f "$status_file"' EXIT
 summarize='
@@ -63,7 +84,8 @@ stop_workers() {  # the python workers, not the shells horovodrun starts them wi
   done
 }
 set +e
-setsid "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "$VENV/bin/python" -m trainer.main "$@" \
+read -ra extra <<< "${HOROVODRUN_ARGS-}"
+setsid "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "${extra[@]}" "$VENV/bin/python" -m trainer.main "$@" \
   > >(trap '' TERM INT; exec sed -u "$strip") \
   2> >(trap '' TERM INT; awk -v status="$status_file" "$summarize" | sed -u "$strip" >&2) &
 child=$!

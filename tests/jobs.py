@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
+import psutil
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -29,18 +31,19 @@ def job_command(workdir, params=(), launcher=(), extra=()) -> list[str]:
     return command + [f"--workdir={workdir}", *extra] + [f"--gin_param={p}" for p in params]
 
 
-def job_env() -> dict:
+def job_env(**extra) -> dict:
     """This environment, with the launch scripts pointed at the running virtualenv."""
     venv = os.path.dirname(os.path.dirname(sys.executable))
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "VENV": venv}
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "VENV": venv, **extra}
 
 
-def start_job(workdir, params=(), launcher=()) -> subprocess.Popen:
-    """Starts the trainer without waiting (for tests that signal or kill it)."""
+def start_job(workdir, params=(), launcher=(), **env) -> subprocess.Popen:
+    """Starts the trainer without waiting (for tests that signal or kill it); `env` is
+    added to the environment."""
     return subprocess.Popen(
         job_command(workdir, params, launcher),
         cwd=ROOT,
-        env=job_env(),
+        env=job_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -79,3 +82,38 @@ def scalars(workdir, tag) -> dict:
 def series(workdir, tag) -> np.ndarray:
     values = scalars(workdir, tag)
     return np.array([values[s] for s in sorted(values)])
+
+
+def logged_steps(workdir) -> int:
+    try:
+        return len(scalars(workdir, "train/loss"))
+    except KeyError:  # nothing written yet
+        return 0
+
+
+def wait_for(condition, process, timeout=300, interval=0.01):
+    """Polls `condition` until it holds; fails if `process` ends or time runs out first."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(interval)
+
+
+def workers_of(process) -> list:
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:  # already ended
+        return []
+
+
+def is_worker(process) -> bool:
+    try:
+        return process.cmdline()[1:3] == ["-m", "trainer.main"]
+    except psutil.Error:  # gone meanwhile
+        return False
+
+
+def all_gone(processes) -> bool:
+    time.sleep(1)
+    return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)

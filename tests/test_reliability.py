@@ -9,7 +9,17 @@ import numpy as np
 import psutil
 import tensorflow as tf
 
-from tests.jobs import ROOT, run_job, scalars, start_job
+from tests.jobs import (
+    ROOT,
+    all_gone,
+    is_worker,
+    logged_steps,
+    run_job,
+    scalars,
+    start_job,
+    wait_for,
+    workers_of,
+)
 
 RESUMABLE_JOB = (
     "distribute.strategy='single'",
@@ -19,21 +29,6 @@ RESUMABLE_JOB = (
     "train.eval_every=1000",
     "train.export_model=False",
 )
-
-
-def logged_steps(workdir) -> int:
-    try:
-        return len(scalars(workdir, "train/loss"))
-    except KeyError:  # nothing written yet
-        return 0
-
-
-def wait_for(condition, process, timeout=300):
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_a_job_killed_with_sigkill_resumes_as_if_never_stopped(tmp_path):
@@ -72,25 +67,6 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     assert os.path.exists(tmp_path / "checkpoints" / f"ckpt-{step}.index")
 
 
-def workers_of(process) -> list:
-    try:
-        return process.children(recursive=True)
-    except psutil.Error:  # already ended
-        return []
-
-
-def _is_worker(process) -> bool:
-    try:
-        return process.cmdline()[1:3] == ["-m", "trainer.main"]
-    except psutil.Error:  # gone meanwhile
-        return False
-
-
-def all_gone(processes) -> bool:
-    time.sleep(1)
-    return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
-
-
 @contextlib.contextmanager
 def long_horovod_job(workdir):
     """A 2-worker job under launch/horovod.sh, once it has logged 3 steps: (launcher,
@@ -101,7 +77,7 @@ def long_horovod_job(workdir):
     tree = psutil.Process(job.pid)
     try:
         wait_for(lambda: logged_steps(workdir) >= 3, job)
-        workers = [p for p in workers_of(tree) if _is_worker(p)]
+        workers = [p for p in workers_of(tree) if is_worker(p)]
         assert len(workers) == 2, [p.cmdline() for p in workers]
         yield job, workers
     finally:

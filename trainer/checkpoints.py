@@ -24,10 +24,12 @@ class Checkpoints:
         self.directory = directory
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
 
-    def restore(self, variables) -> int:
+    def restore(self, variables, broadcast: bool = True) -> int:
         """Restores the latest checkpoint (if any) everywhere; returns the step to start at.
 
-        `variables` (model and optimizer) are then broadcast from the chief, with the step.
+        `variables` (model and optimizer) are then broadcast from the chief, with the step;
+        not in an elastic job, whose state is synced when the training starts (a worker
+        that joins later must not call a collective the others are not in).
         """
         latest = self.manager.latest_checkpoint
         if latest is not None:
@@ -40,7 +42,8 @@ class Checkpoints:
                     f"({first_line}). Resume with the configuration that wrote it (its "
                     "operative_config.gin is in the workdir), or start in a new --workdir."
                 ) from error
-        self.replicas.broadcast_variables([*variables, self.step])
+        if broadcast:
+            self.replicas.broadcast_variables([*variables, self.step])
         return int(self.step.numpy())
 
     @property

@@ -90,6 +90,7 @@ def train(
     export_model: bool = True,
     stop_after_steps: int | None = None,
     nonfinite: str = "stop",
+    elastic_commit_every: int = 10,
 ) -> dict:
     """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
 
@@ -97,23 +98,26 @@ def train(
     `stop_after_steps` ends this run (with a checkpoint) after that many steps, for
     queues with a time limit; the same command then continues the job. `nonfinite`:
     'stop' ends the run at a non-finite loss or gradient (naming the step and the last
-    good checkpoint), 'skip' leaves such steps out and counts them.
+    good checkpoint), 'skip' leaves such steps out and counts them. An elastic Horovod
+    job keeps its state in memory every `elastic_commit_every` steps (see
+    trainer/elastic.py); after a worker dies it goes on from there.
     """
     started = time.time()
     chief = replicas.is_chief
-    say = print if chief else (lambda *a, **k: None)
+
+    def say(*args, **kwargs):  # the chief's voice (in an elastic job the chief can change)
+        if replicas.is_chief:
+            print(*args, **kwargs)
+
     _check(steps >= 1, f"train.steps must be >= 1, got {steps}.")
     for name, value in (
         ("log_every", log_every),
         ("checkpoint_every", checkpoint_every),
         ("eval_every", eval_every),
+        ("elastic_commit_every", elastic_commit_every),
     ):
         _check(value >= 1, f"train.{name} must be >= 1, got {value}.")
-    _check(
-        global_batch_size % replicas.size == 0,
-        f"train.global_batch_size={global_batch_size} is not divisible by the "
-        f"{replicas.size} replicas; each replica must hold the same number of rows.",
-    )
+    _check_divides(global_batch_size, replicas.size)
     _check(
         global_batch_size % examples_per_class == 0,
         f"train.global_batch_size={global_batch_size} is not a multiple of "
@@ -182,7 +186,9 @@ def train(
         model=embedding_model,
         optimizer=opt,
     )
-    first_step = checkpoints.restore([*embedding_model.variables, *opt.variables])
+    first_step = checkpoints.restore(
+        [*embedding_model.variables, *opt.variables], broadcast=not replicas.elastic
+    )
     summaries = Summaries(workdir, enabled=chief)
     if corrupt or corrupt_eval:
         summaries.scalars(first_step, {"data/skipped_corrupt_images": len(corrupt + corrupt_eval)})
@@ -238,7 +244,17 @@ def train(
         first_step=first_step,
     )
     with StopRequest() as stop:
-        return _run(job, stop)
+        if replicas.elastic:
+            return _run_elastic(job, stop, elastic_commit_every)
+        return _run(job, stop, first_step)
+
+
+def _check_divides(global_batch_size: int, num_replicas: int) -> None:
+    _check(
+        global_batch_size % num_replicas == 0,
+        f"train.global_batch_size={global_batch_size} is not divisible by the "
+        f"{num_replicas} replicas; each replica must hold the same number of rows.",
+    )
 
 
 @dataclasses.dataclass
@@ -274,15 +290,18 @@ class NumericalError(RuntimeError):
     """A non-finite loss or gradient stopped the run (no NaN weights were checkpointed)."""
 
 
-def _run(job: _Job, stop: StopRequest) -> dict:
-    """The step loop: train, log, checkpoint, evaluate; then export."""
+def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
+    """The step loop from step `start`: train, log, checkpoint, evaluate; then export.
+
+    `after_step(step)`, if given, runs at the end of every step (elastic commits).
+    """
     say, steps, first_step = job.say, job.steps, job.first_step
     last_step = steps if not job.stop_after_steps else min(steps, first_step + job.stop_after_steps)
     rows = job.replicas.process_rows(job.global_batch_size)
-    batches = train_batches(job.train_source, job.sampler, rows, first_step, last_step)
+    batches = train_batches(job.train_source, job.sampler, rows, start, last_step)
     last_print = window_start = time.time()
     window_steps, results, skipped = 0, {}, 0
-    for step, (images, labels) in zip(range(first_step + 1, last_step + 1), batches, strict=True):
+    for step, (images, labels) in zip(range(start + 1, last_step + 1), batches, strict=True):
         metrics = job.step_fn.run_local(images, labels, global_size=job.global_batch_size)
         window_steps += 1
         skipped += _check_finite(job, metrics, step)
@@ -290,8 +309,8 @@ def _run(job: _Job, stop: StopRequest) -> dict:
         rate = window_steps * job.global_batch_size / max(now - window_start, 1e-9)
         if step % job.log_every == 0 or step == steps:
             _log_step(job, step, metrics, rate, skipped)
-        if now - last_print >= job.progress_seconds or step in (first_step + 1, last_step):
-            _print_progress(job, step, metrics, rate, compiling=step == first_step + 1)
+        if now - last_print >= job.progress_seconds or step in (start + 1, last_step):
+            _print_progress(job, step, metrics, rate, compiling=step == start + 1)
             last_print, window_start, window_steps = now, now, 0
         if job.replicas.any_process(stop.requested) and step < last_step:
             job.checkpoints.save(step)  # and straight out: the scheduler's grace is short
@@ -307,6 +326,8 @@ def _run(job: _Job, stop: StopRequest) -> dict:
             job.checkpoints.save(step)
         if step % job.eval_every == 0 or step == steps:
             results, embeddings = job.evaluate(step)
+        if after_step is not None:
+            after_step(step)
     if last_step < steps:
         say(
             f"stopped at step {last_step} of {steps} (train.stop_after_steps="
@@ -314,7 +335,7 @@ def _run(job: _Job, stop: StopRequest) -> dict:
         )
         return results
     if not results:
-        results, embeddings = job.evaluate(max(first_step, steps))
+        results, embeddings = job.evaluate(max(start, steps))
     job.summaries.flush()
     if job.replicas.is_chief:
         _write_outputs(
@@ -322,6 +343,31 @@ def _run(job: _Job, stop: StopRequest) -> dict:
         )
     say(_final_summary(job.workdir, results, time.time() - job.started, job.export_model))
     return results
+
+
+def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
+    """`_run` under Horovod's elastic driver: each change of workers restarts it from the
+    last commit (in memory), with the step and evaluation retraced for the new ranks."""
+    from trainer import elastic  # imports Horovod
+
+    variables = [*job.model.variables, *job.step_fn.optimizer.variables]
+    state = elastic.TrainingState(job.replicas, variables, step=job.first_step)
+
+    def commit(step: int) -> None:
+        if step % commit_every == 0:
+            state.step = step
+            state.commit()  # also where a worker waiting to join is let in
+
+    def attempt(state) -> dict:
+        replicas = job.replicas
+        _check_divides(job.global_batch_size, replicas.size)
+        job.step_fn.retrace()
+        job.evaluate.retrace()
+        job.summaries.enabled = replicas.is_chief
+        job.say(f"elastic: {replicas.size} worker(s), training from step {state.step}", flush=True)
+        return _run(job, stop, state.step, after_step=commit)
+
+    return elastic.run(attempt, state)
 
 
 def _check_finite(job: _Job, metrics: dict, step: int) -> int:
@@ -349,6 +395,7 @@ def _log_step(job: _Job, step: int, metrics: dict, rate: float, skipped: int) ->
     scalars = {f"train/{k}": v for k, v in metrics.items() if k != "finite_gradients"}
     scalars["train/learning_rate"] = float(job.schedule(step - 1))  # the rate this step used
     scalars["train/examples_per_second"] = rate
+    scalars["train/replicas"] = job.replicas.size
     if job.step_fn.skips_nonfinite:
         scalars["train/skipped_steps"] = skipped
     job.summaries.scalars(step, scalars)
@@ -373,10 +420,14 @@ class Evaluator:
     """Embeds the eval set on all replicas, computes retrieval metrics, logs them."""
 
     def __init__(self, model, replicas, source, distance, recall_k, chunk_size, summaries, say):
-        self.embed = embedding_function(model, replicas)
-        self.replicas, self.source, self.distance = replicas, source, distance
+        self.model, self.replicas, self.source, self.distance = model, replicas, source, distance
+        self.retrace()
         self.ks = sorted({1, recall_k})
         self.chunk_size, self.summaries, self.say = chunk_size, summaries, say
+
+    def retrace(self) -> None:
+        """A fresh compiled embedding step (see `TrainStep.retrace`)."""
+        self.embed = embedding_function(self.model, self.replicas)
 
     def __call__(self, step: int):
         embeddings = embed_source(self.embed, self.replicas, self.source, self.chunk_size)

@@ -62,6 +62,19 @@ def default_workdir(files) -> str:
     return os.path.join("runs", f"{job}-{run_id}")
 
 
+def agreed_default_workdir(replicas) -> str:
+    """The default workdir, the same on every worker."""
+    if not replicas.elastic:
+        return replicas.agree(default_workdir(FLAGS.gin_file))
+    # A worker that joins an elastic job later cannot take part in a collective now.
+    if not os.environ.get("METRIC_TRAINER_RUN_ID"):
+        raise UsageError(
+            "An elastic Horovod job needs --workdir (or METRIC_TRAINER_RUN_ID, which "
+            "launch/horovod.sh sets) so that workers joining later find the same one."
+        )
+    return default_workdir(FLAGS.gin_file)
+
+
 def run(argv) -> int:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}; use --gin_param for bindings.")
@@ -69,8 +82,7 @@ def run(argv) -> int:
     from trainer.loop import train
 
     replicas = make_replicas()
-    workdir = FLAGS.workdir or replicas.agree(default_workdir(FLAGS.gin_file))
-    workdir = os.path.abspath(workdir)
+    workdir = os.path.abspath(FLAGS.workdir or agreed_default_workdir(replicas))
     if replicas.is_chief:
         print(f"workdir: {workdir}", flush=True)
     train(workdir, replicas)
@@ -93,11 +105,24 @@ def report(error: Exception) -> None:
 
     Every worker meets the same error; under horovodrun only the chief reports it.
     """
-    if os.environ.get("HOROVOD_RANK", "0") != "0":
+    if not _is_chief_process():
         return
     lines = str(error).splitlines()
     message = "\n".join(line for line in lines if "In call to configurable" not in line)
     print(f"error: {message}", file=sys.stderr)
+
+
+def _is_chief_process() -> bool:
+    """HOROVOD_RANK is the rank a worker started with; in an elastic job ranks change,
+    so Horovod is asked when it is running."""
+    if os.environ.get("HOROVOD_RANK") is None:
+        return True
+    try:
+        import horovod.tensorflow as hvd
+
+        return hvd.rank() == 0
+    except ValueError:  # not initialized yet (a mistake found before it started)
+        return os.environ["HOROVOD_RANK"] == "0"
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class Replicas:
     """Base class: the single-device backend (one replica, collectives are identities)."""
 
     name = "single"
+    elastic = False  # whether workers can leave and join during the job (trainer/elastic.py)
 
     @property
     def size(self) -> int:
@@ -242,6 +243,8 @@ class HorovodReplicas(Replicas):
 
         self.hvd = hvd
         hvd.init()
+        # horovodrun with a host-discovery script: ranks and size change during the job.
+        self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
 
     @property
     def size(self) -> int:

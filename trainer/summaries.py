@@ -1,4 +1,4 @@
-"""TensorBoard output, written by the chief only (other workers get a writer that does nothing)."""
+"""TensorBoard output, written by the chief only (on other workers every call does nothing)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,21 @@ import tensorflow as tf
 
 
 class Summaries:
-    """Scalars, histograms and text under `logdir`; a no-op when `enabled` is False."""
+    """Scalars, histograms and text under `logdir`; a no-op while `enabled` is False.
+
+    The events file is opened at the first write: in an elastic job a worker can become
+    the chief (`enabled`) later.
+    """
 
     def __init__(self, logdir: str, enabled: bool):
-        self.enabled = enabled
-        self._writer = tf.summary.create_file_writer(logdir) if enabled else None
+        self.logdir, self.enabled = logdir, enabled
+        self._writer = None
 
     def _context(self, step):
         if not self.enabled:
             return contextlib.nullcontext(None)
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.logdir)
         return self._writer.as_default(step=int(step))
 
     def scalars(self, step: int, values: dict) -> None:
@@ -40,5 +46,5 @@ class Summaries:
                 tf.summary.text(tag, markdown)
 
     def flush(self) -> None:
-        if self.enabled:
+        if self._writer is not None:
             self._writer.flush()

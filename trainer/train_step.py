@@ -47,9 +47,14 @@ class TrainStep:
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
             else None
         )
-        self._compiled = tf.function(self._replica_step)
+        self.retrace()
         self.skips_nonfinite = self._scale_loss is not None  # the optimizer leaves them out
         self.last_distances = {}
+
+    def retrace(self) -> None:
+        """Compiles the step afresh: a trace holds the replica's rank and the replica
+        count as constants, which change when an elastic job changes size."""
+        self._compiled = tf.function(self._replica_step)
 
     def _replica_step(self, images, labels, replica_rows=None):
         variables = self.model.trainable_variables

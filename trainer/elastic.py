@@ -1,0 +1,77 @@
+"""Elastic Horovod (`horovodrun --min-np/--max-np`): the job goes on when workers leave or join.
+
+Between commits, the training state (model and optimizer variables, the step) is kept in
+host memory through Horovod's elastic `State`. When a worker dies, the others get an error
+from their next collective, restore the last commit, re-form the ring without it and carry
+on; a worker that joins receives the chief's state at the next commit. The global batch
+of step s depends on (seed, s) alone and the loss does not depend on the replica count,
+so a job that changes size continues exactly as it would have without the change.
+
+Only this module touches Horovod's elastic API; the loop gives it an `attempt(state)` that
+trains from `state.step`, calls `state.commit()` now and then, and returns the results.
+Imported only by elastic jobs.
+"""
+
+from __future__ import annotations
+
+import horovod.tensorflow as hvd
+import numpy as np
+import tensorflow as tf
+from horovod.common.elastic import ObjectState, run_fn
+from horovod.common.exceptions import HorovodInternalError
+
+
+class TrainingState(ObjectState):
+    """Variables (copied to host memory at each commit) plus the step, as Horovod state.
+
+    Horovod's own TensorFlowState does not broadcast variables in eager mode, and its
+    Keras state expects Keras 2 optimizers; this one syncs through `Replicas`.
+    """
+
+    def __init__(self, replicas, variables, step: int):
+        self._replicas, self._variables = replicas, list(variables)
+        self._values = self._read()
+        super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, step=step)
+
+    def _read(self) -> list[np.ndarray]:
+        return [np.array(v.numpy()) for v in self._variables]
+
+    def save(self) -> None:
+        self._values = self._read()
+        super().save()
+
+    def restore(self) -> None:
+        """Back to the last commit: the steps after it are trained again."""
+        for variable, value in zip(self._variables, self._values, strict=True):
+            variable.assign(value)
+        super().restore()
+
+    def sync(self) -> None:
+        """Everyone takes the chief's state (a worker that joined has only its own)."""
+        self._replicas.broadcast_variables(self._variables)
+        self._values = self._read()
+        super().sync()
+
+
+def run(attempt, state: TrainingState):
+    """`attempt(state)` until it returns, re-forming the workers after each change.
+
+    A collective that fails because a peer died raises a TensorFlow error naming a
+    Horovod op; it becomes Horovod's `HorovodInternalError`, which restores the last
+    commit. Horovod's decorator recognizes only some op names (not grouped allreduce).
+    """
+
+    def attempt_with_horovod_errors(state):
+        try:
+            return attempt(state)
+        except tf.errors.OpError as error:
+            if "Horovod" not in str(error.message):
+                raise
+            raise HorovodInternalError(error) from error
+
+    return run_fn(attempt_with_horovod_errors, _reset)(state)
+
+
+def _reset() -> None:
+    hvd.shutdown()
+    hvd.init()

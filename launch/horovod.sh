@@ -57,7 +57,17 @@ fi
 strip='s/^\[[0-9]\+\]<std\(out\|err\)>://'
 status_file=$(mktemp)
 trap 'rm -f "$status_file"' EXIT
+# A worker whose host left an elastic job aborts inside Horovod (its faulthandler then
+# dumps every thread): say that in one line instead.
 summarize='
+  /^terminate called after throwing an instance of .std::runtime_error.$/ { pending = $0; next }
+  pending != "" && / has been removed from elastic job$/ {
+    sub(/^ *what\(\): +/, ""); sub(/ has been removed from elastic job$/, "")
+    print "horovodrun: worker " $0 " left the job (its host was removed)"; fflush()
+    pending = ""; removed = 1; next }
+  pending != "" { print pending; pending = "" }
+  removed && /^(Fatal Python error: Aborted|Thread 0x.*|Current thread 0x.*|  File .*|)$/ { next }
+  removed && /^(Extension modules: .*|Aborted.*)$/ { next }
   /^Traceback \(most recent call last\):$/ { held = 1; next }
   held && /^RuntimeError: Horovod detected/ { next }
   held && /^Process name: / { worker = $3; next }
@@ -87,7 +97,7 @@ set +e
 read -ra extra <<< "${HOROVODRUN_ARGS-}"
 setsid "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "${extra[@]}" "$VENV/bin/python" -m trainer.main "$@" \
   > >(trap '' TERM INT; exec sed -u "$strip") \
-  2> >(trap '' TERM INT; awk -v status="$status_file" "$summarize" | sed -u "$strip" >&2) &
+  2> >(trap '' TERM INT; sed -u "$strip" | awk -v status="$status_file" "$summarize" >&2) &
 child=$!
 trap stop_workers TERM INT
 wait "$child"

@@ -43,3 +43,20 @@ def test_launch_scripts_explain_their_usage(script):
         ["bash", os.path.join(ROOT, "launch", script)], capture_output=True, text=True
     )
     assert done.returncode == 2 and "usage: launch/" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--elastic", "2", "1", "/bin/true"], "usage: launch/horovod.sh"),  # MIN > MAX
+        (["--elastic", "0", "2", "/bin/true"], "usage: launch/horovod.sh"),
+        (["--elastic", "1", "2"], "usage: launch/horovod.sh"),
+        (["--elastic", "1", "2", "/no/such/discover.sh"], "is not an executable file"),
+    ],
+)
+def test_elastic_launch_mistakes_are_named(arguments, message):
+    import subprocess
+
+    script = os.path.join(ROOT, "launch", "horovod.sh")
+    done = subprocess.run(["bash", script, *arguments], capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -119,6 +119,11 @@ def train(
         _check(value >= 1, f"train.{name} must be >= 1, got {value}.")
     _check_divides(global_batch_size, replicas.size)
     _check(
+        not (scale_learning_rate and replicas.elastic),
+        "train.scale_learning_rate=True cannot be used in an elastic job, whose replica "
+        "count changes; set train.learning_rate for the global batch instead.",
+    )
+    _check(
         global_batch_size % examples_per_class == 0,
         f"train.global_batch_size={global_batch_size} is not a multiple of "
         f"train.examples_per_class={examples_per_class} (the P×K batch needs P = B / K).",

@@ -5,8 +5,10 @@ Two "hosts" on this machine, localhost and 127.0.0.1, stand for two nodes; the h
 discovery script prints what a file lists, so the test can add one.
 """
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -51,8 +53,35 @@ def discovery_script(tmp_path, hosts: str):
     return listing, script
 
 
-def elastic_launcher(discover) -> tuple:
-    return (os.path.join(ROOT, "launch", "horovod.sh"), "--elastic", "1", "2", str(discover))
+def elastic_launcher(discover, max_workers: int = 2) -> tuple:
+    script = os.path.join(ROOT, "launch", "horovod.sh")
+    return (script, "--elastic", "1", str(max_workers), str(discover))
+
+
+def trains_on(job, workdir, count: int, steps: int) -> None:
+    """Waits until the job has trained `steps` steps on `count` replicas from now on."""
+    after = max(replicas_by_step(workdir), default=0)
+    wait_for(lambda: steps_with(workdir, count, after) >= steps, job, interval=0.5)
+
+
+def workers_on(tree, host: str) -> list:
+    return [
+        p for p in workers_of(tree) if is_worker(p) and p.environ().get("HOROVOD_HOSTNAME") == host
+    ]
+
+
+@contextlib.contextmanager
+def killing_all_at_exit(job):
+    """The launcher's process tree; whatever happens, nothing is left running after."""
+    tree = psutil.Process(job.pid)
+    try:
+        yield tree
+    finally:
+        for p in [*workers_of(tree), tree]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
 
 
 def phases(by_step: dict) -> list[tuple[int, int, int]]:
@@ -73,41 +102,24 @@ def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
     job = start_job(
         workdir, ELASTIC_JOB, elastic_launcher(discover), HOROVODRUN_ARGS="--network-interface lo"
     )
-    tree = psutil.Process(job.pid)
-
-    def trains_on(count: int, steps: int) -> None:
-        """Waits until the job has trained `steps` steps on `count` replicas since now."""
-        after = max(replicas_by_step(workdir), default=0)
-        wait_for(lambda: steps_with(workdir, count, after) >= steps, job, interval=0.5)
-
-    try:
-        trains_on(1, 3)
+    with killing_all_at_exit(job) as tree:
+        trains_on(job, workdir, 1, 3)
         hosts.write_text("localhost:1\n127.0.0.1:1\n")  # a second node comes up...
-        trains_on(2, 5)
+        trains_on(job, workdir, 2, 5)
         hosts.write_text("localhost:1\n")  # ...is taken away...
-        trains_on(1, 5)
+        trains_on(job, workdir, 1, 5)
         hosts.write_text("localhost:1\n127.0.0.1:1\n")  # ...and comes back
-        trains_on(2, 5)
-        first = [
-            p
-            for p in workers_of(tree)
-            if is_worker(p) and p.environ().get("HOROVOD_HOSTNAME") == "localhost"
-        ]
+        trains_on(job, workdir, 2, 5)
+        first = workers_on(tree, "localhost")
         assert len(first) == 1, [p.cmdline() for p in workers_of(tree)]
         last_with_two = max(replicas_by_step(workdir))
         first[0].kill()  # the chief since step 1; the worker that joined must take over
         killed_at = time.time()
         wait_for(lambda: steps_with(workdir, 1, after=last_with_two) >= 1, job, interval=0.1)
         print(f"training went on {time.time() - killed_at:.1f} s after the chief was killed")
-        trains_on(1, 5)
+        trains_on(job, workdir, 1, 5)
         job.send_signal(signal.SIGTERM)
         stdout, stderr = job.communicate(timeout=120)
-    finally:
-        for p in [*workers_of(tree), tree]:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
     assert job.returncode == 0, stdout[-3000:] + stderr[-5000:]
     stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
     by_step = replicas_by_step(workdir)
@@ -144,6 +156,56 @@ def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
     for step in range(1, stopped + 1):
         np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
     assert os.path.exists(workdir / "checkpoints" / f"ckpt-{stopped}.index")
+
+
+def test_an_elastic_job_splits_a_batch_that_its_workers_do_not_divide(tmp_path):
+    """64 rows on 3 workers (22/21/21), then on 2 after one dies, to step 30.
+
+    Without elastic Horovod a batch that does not divide is refused, so the 3-worker
+    stretch is compared with one process (equal up to float rounding); the 2-worker
+    stretch is replayed exactly by `horovod.sh 2` from the job's own checkpoint at the
+    step where it went back to.
+    """
+    _, discover = discovery_script(tmp_path, "localhost:1\n127.0.0.1:2\n")
+    workdir = tmp_path / "elastic"
+    params = (
+        *ELASTIC_JOB,
+        "train.steps=30",
+        "train.checkpoint_every=5",
+        "train.keep_checkpoints=9",
+    )
+    job = start_job(workdir, params, elastic_launcher(discover, max_workers=3))
+    with killing_all_at_exit(job) as tree:
+        trains_on(job, workdir, 3, 5)
+        workers_on(tree, "localhost")[0].kill()
+        stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert "elastic: 3 worker(s) (22/21/21 rows), training from step 0" in stdout
+    history = phases(replicas_by_step(workdir))
+    assert [count for count, _, _ in history] == [3, 2], history
+    went_back_to = history[1][1] - 1
+    got = scalars(workdir, "train/loss")
+    assert sorted(got) == list(range(1, 31))
+
+    single = tmp_path / "single"
+    run_job(
+        single, (*params, "distribute.strategy='single'", f"train.stop_after_steps={went_back_to}")
+    )
+    expected = scalars(single, "train/loss")
+    for step in range(1, went_back_to + 1):
+        np.testing.assert_allclose(got[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
+
+    replay = tmp_path / "replay" / "checkpoints"
+    replay.mkdir(parents=True)
+    for path in (workdir / "checkpoints").glob(f"ckpt-{went_back_to}.*"):
+        shutil.copy(path, replay)
+    (replay / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{went_back_to}"\n')
+    run_job(replay.parent, params, (os.path.join(ROOT, "launch", "horovod.sh"), "2"))
+    expected = scalars(replay.parent, "train/loss")
+    assert sorted(expected) == list(range(went_back_to + 1, 31))
+    for step in expected:
+        np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
+    print(f"{history}: went back to step {went_back_to} after the kill")
 
 
 @pytest.mark.parametrize(

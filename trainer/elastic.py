@@ -14,6 +14,8 @@ Imported only by elastic jobs.
 
 from __future__ import annotations
 
+import contextlib
+
 import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
@@ -48,26 +50,32 @@ class TrainingState(ObjectState):
 
     def sync(self) -> None:
         """Everyone takes the chief's state (a worker that joined has only its own)."""
-        self._replicas.broadcast_variables(self._variables)
-        self._values = self._read()
-        super().sync()
+        with _peer_failures_as_horovod_errors():
+            self._replicas.broadcast_variables(self._variables)
+            self._values = self._read()
+            super().sync()
+
+
+@contextlib.contextmanager
+def _peer_failures_as_horovod_errors():
+    """A collective that fails because a peer died raises a TensorFlow error naming a
+    Horovod op; Horovod's elastic loop restores the last commit on `HorovodInternalError`.
+    (Horovod's own decorator recognizes only some op names, not grouped allreduce, and
+    not in `sync`.)"""
+    try:
+        yield
+    except tf.errors.OpError as error:
+        if "Horovod" not in str(error.message):
+            raise
+        raise HorovodInternalError(error) from error
 
 
 def run(attempt, state: TrainingState):
-    """`attempt(state)` until it returns, re-forming the workers after each change.
-
-    A collective that fails because a peer died raises a TensorFlow error naming a
-    Horovod op; it becomes Horovod's `HorovodInternalError`, which restores the last
-    commit. Horovod's decorator recognizes only some op names (not grouped allreduce).
-    """
+    """`attempt(state)` until it returns, re-forming the workers after each change."""
 
     def attempt_with_horovod_errors(state):
-        try:
+        with _peer_failures_as_horovod_errors():
             return attempt(state)
-        except tf.errors.OpError as error:
-            if "Horovod" not in str(error.message):
-                raise
-            raise HorovodInternalError(error) from error
 
     return run_fn(attempt_with_horovod_errors, _reset)(state)
 

@@ -1,8 +1,9 @@
 """The training job: data, model, optimizer, checkpoints, the step loop, evaluation, export.
 
 Every public knob is a `train.*` gin binding (see gin/base.gin). The loop runs on the
-replica abstraction and never branches on the backend; the chief alone prints progress,
-writes TensorBoard and checkpoints and exports.
+replica abstraction and never branches on the backend, only on whether workers may come
+and go (elastic Horovod); the chief alone prints progress, writes TensorBoard and
+checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def train(
         ("elastic_commit_every", elastic_commit_every),
     ):
         _check(value >= 1, f"train.{name} must be >= 1, got {value}.")
-    _check_divides(global_batch_size, replicas.size)
+    if not replicas.elastic:  # an elastic job takes the worker counts it gets (see below)
+        _check_divides(global_batch_size, replicas.size)
     _check(
         not (scale_learning_rate and replicas.elastic),
         "train.scale_learning_rate=True cannot be used in an elastic job, whose replica "
@@ -365,11 +367,18 @@ def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
 
     def attempt(state) -> dict:
         replicas = job.replicas
-        _check_divides(job.global_batch_size, replicas.size)
         job.step_fn.retrace()
         job.evaluate.retrace()
         job.summaries.enabled = replicas.is_chief
-        job.say(f"elastic: {replicas.size} worker(s), training from step {state.step}", flush=True)
+        # A worker count that does not divide the batch is not refused here, where losing
+        # one worker of 8 would end the job: the first B mod N workers take a row more,
+        # and the mining over the gathered batch is exact for any split.
+        rows = replicas.replica_rows(job.global_batch_size)
+        uneven = f" ({'/'.join(map(str, rows))} rows)" if len(set(rows)) > 1 else ""
+        job.say(
+            f"elastic: {replicas.size} worker(s){uneven}, training from step {state.step}",
+            flush=True,
+        )
         return _run(job, stop, state.step, after_step=commit)
 
     return elastic.run(attempt, state)

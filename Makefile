@@ -20,6 +20,7 @@ test: install
 bench: install
 	$(PYTHON) -m bench.losses
 	$(PYTHON) -m bench.cross_replica
+	$(PYTHON) -m bench.elastic
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -57,9 +57,15 @@ fi
 strip='s/^\[[0-9]\+\]<std\(out\|err\)>://'
 status_file=$(mktemp)
 trap 'rm -f "$status_file"' EXIT
-# A worker whose host left an elastic job aborts inside Horovod (its faulthandler then
-# dumps every thread): say that in one line instead.
+# TensorFlow's start-up notices come before its log level applies (TF_CPP_MIN_LOG_LEVEL
+# cannot silence them), several per process: dropped, those exact ones only. A worker
+# whose host left an elastic job aborts inside Horovod (its faulthandler then dumps every
+# thread): said in one line instead.
 summarize='
+  /^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$/ { next }
+  /^I0000 [0-9:. ]+ (port|cpu_feature_guard)\.cc:[0-9]+\] / { next }
+  /^To enable the following instructions: .* with the appropriate compiler flags\.$/ { next }
+  /^E0000 [0-9:. ]+ util\.cc:[0-9]+\] oneDNN supports DT_INT32 only on platforms with AVX-512/ { next }
   /^terminate called after throwing an instance of .std::runtime_error.$/ { pending = $0; next }
   pending != "" && / has been removed from elastic job$/ {
     sub(/^ *what\(\): +/, ""); sub(/ has been removed from elastic job$/, "")

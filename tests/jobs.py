@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -117,3 +118,17 @@ def is_worker(process) -> bool:
 def all_gone(processes) -> bool:
     time.sleep(1)
     return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
+
+
+@contextlib.contextmanager
+def killing_all_at_exit(job):
+    """The launcher's process tree; whatever happens, nothing is left running after."""
+    tree = psutil.Process(job.pid)
+    try:
+        yield tree
+    finally:
+        for p in [*workers_of(tree), tree]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

@@ -5,7 +5,6 @@ Two "hosts" on this machine, localhost and 127.0.0.1, stand for two nodes; the h
 discovery script prints what a file lists, so the test can add one.
 """
 
-import contextlib
 import os
 import re
 import shutil
@@ -13,10 +12,18 @@ import signal
 import time
 
 import numpy as np
-import psutil
 import pytest
 
-from tests.jobs import ROOT, is_worker, run_job, scalars, start_job, wait_for, workers_of
+from tests.jobs import (
+    ROOT,
+    is_worker,
+    killing_all_at_exit,
+    run_job,
+    scalars,
+    start_job,
+    wait_for,
+    workers_of,
+)
 
 ELASTIC_JOB = (
     "train.steps=5000",  # far more than it runs: SIGTERM ends it
@@ -68,20 +75,6 @@ def workers_on(tree, host: str) -> list:
     return [
         p for p in workers_of(tree) if is_worker(p) and p.environ().get("HOROVOD_HOSTNAME") == host
     ]
-
-
-@contextlib.contextmanager
-def killing_all_at_exit(job):
-    """The launcher's process tree; whatever happens, nothing is left running after."""
-    tree = psutil.Process(job.pid)
-    try:
-        yield tree
-    finally:
-        for p in [*workers_of(tree), tree]:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
 
 
 def phases(by_step: dict) -> list[tuple[int, int, int]]:

@@ -6,13 +6,13 @@ import signal
 import time
 
 import numpy as np
-import psutil
 import tensorflow as tf
 
 from tests.jobs import (
     ROOT,
     all_gone,
     is_worker,
+    killing_all_at_exit,
     logged_steps,
     run_job,
     scalars,
@@ -74,18 +74,11 @@ def long_horovod_job(workdir):
     launcher = (os.path.join(ROOT, "launch", "horovod.sh"), "2")
     params = ("train.steps=100000", "train.log_every=1", "train.checkpoint_every=100000")
     job = start_job(workdir, params, launcher)
-    tree = psutil.Process(job.pid)
-    try:
+    with killing_all_at_exit(job) as tree:
         wait_for(lambda: logged_steps(workdir) >= 3, job)
         workers = [p for p in workers_of(tree) if is_worker(p)]
         assert len(workers) == 2, [p.cmdline() for p in workers]
         yield job, workers
-    finally:
-        for p in [*workers_of(tree), tree]:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
 
 
 def test_a_dead_horovod_worker_ends_the_job_instead_of_hanging(tmp_path):

@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 from tests.jobs import (
     ROOT,
     is_worker,
+    job_env,
     killing_all_at_exit,
     run_job,
     scalars,
@@ -215,3 +218,19 @@ def test_a_mistake_in_an_elastic_job_is_one_message_and_status_2(tmp_path, bindi
     assert done.stderr.count(message) == 1, done.stderr[-3000:]  # the chief's
     assert re.search(r"horovodrun: worker \S+ exited with status 2", done.stderr)
     assert "Traceback" not in done.stderr
+
+
+def test_an_elastic_job_under_plain_horovodrun_needs_a_workdir(tmp_path):
+    """Workers that join later could not agree on a default workdir with the others."""
+    _, discover = discovery_script(tmp_path, "localhost:1\n127.0.0.1:1\n")
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    elastic = ["--min-np", "1", "--max-np", "2", "--host-discovery-script", str(discover)]
+    command = [horovodrun, "--gloo", "-np", "2", *elastic, sys.executable, "-m", "trainer.main"]
+    env = job_env(PYTHONPATH=ROOT)  # run from tmp_path, to see that it writes nothing
+    env.pop("METRIC_TRAINER_RUN_ID", None)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "An elastic Horovod job needs --workdir" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()

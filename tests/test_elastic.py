@@ -177,6 +177,7 @@ def test_an_elastic_job_splits_a_batch_that_its_workers_do_not_divide(tmp_path):
         stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stdout[-3000:] + stderr[-5000:]
     assert "elastic: 3 worker(s) (22/21/21 rows), training from step 0" in stdout
+    assert (workdir / "results.json").exists()  # the chief at the end wrote the outputs
     history = phases(replicas_by_step(workdir))
     assert [count for count, _, _ in history] == [3, 2], history
     went_back_to = history[1][1] - 1

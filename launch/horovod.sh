@@ -51,9 +51,9 @@ if [[ -z ${CUDA_VISIBLE_DEVICES+x} ]] && ! command -v nvidia-smi >/dev/null 2>&1
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ( $(nproc) + workers - 1 ) / workers ))}
 fi
 # Only the chief prints; drop horovodrun's "[0]<stdout>:" prefixes (in an elastic job the
-# chief can be a worker that started with another rank). When a
-# worker fails, horovodrun raises a traceback of its own: replace it by one line, and
-# exit with the failed worker's status (2 for a configuration mistake).
+# chief can be a worker that started with another rank). When a worker fails, horovodrun
+# raises a traceback of its own: replace it by one line, and exit with the failed
+# worker's status (2 for a configuration mistake).
 strip='s/^\[[0-9]\+\]<std\(out\|err\)>://'
 status_file=$(mktemp)
 trap 'rm -f "$status_file"' EXIT

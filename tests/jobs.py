@@ -14,6 +14,8 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOROVOD_SH = os.path.join(ROOT, "launch", "horovod.sh")
+HOROVOD_2 = (HOROVOD_SH, "2")  # launcher of two Horovod workers on this machine
 
 # A short digits job: 6 steps at global batch 64 (4 classes × 16), every step logged.
 SHORT_JOB = (
@@ -85,11 +87,18 @@ def series(workdir, tag) -> np.ndarray:
     return np.array([values[s] for s in sorted(values)])
 
 
-def logged_steps(workdir) -> int:
+def scalars_so_far(workdir, tag) -> dict:
+    """`scalars` of a running job: {} while the workdir or the tag does not exist yet."""
+    if not os.path.isdir(workdir):
+        return {}
     try:
-        return len(scalars(workdir, "train/loss"))
+        return scalars(workdir, tag)
     except KeyError:  # nothing written yet
-        return 0
+        return {}
+
+
+def logged_steps(workdir) -> int:
+    return len(scalars_so_far(workdir, "train/loss"))
 
 
 def wait_for(condition, process, timeout=300, interval=0.01):

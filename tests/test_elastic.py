@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 
 from tests.jobs import (
+    HOROVOD_2,
+    HOROVOD_SH,
     ROOT,
     is_worker,
     job_env,
     killing_all_at_exit,
     run_job,
     scalars,
+    scalars_so_far,
     start_job,
     wait_for,
     workers_of,
@@ -41,12 +44,7 @@ ELASTIC_JOB = (
 
 def replicas_by_step(workdir) -> dict:
     """{step: replica count} as the chief logged it (a replayed step: its last value)."""
-    if not os.path.isdir(workdir):
-        return {}
-    try:
-        return {step: int(n) for step, n in scalars(workdir, "train/replicas").items()}
-    except KeyError:  # nothing written yet
-        return {}
+    return {step: int(n) for step, n in scalars_so_far(workdir, "train/replicas").items()}
 
 
 def steps_with(workdir, count: int, after: int = 0) -> int:
@@ -64,8 +62,7 @@ def discovery_script(tmp_path, hosts: str):
 
 
 def elastic_launcher(discover, max_workers: int = 2) -> tuple:
-    script = os.path.join(ROOT, "launch", "horovod.sh")
-    return (script, "--elastic", "1", str(max_workers), str(discover))
+    return (HOROVOD_SH, "--elastic", "1", str(max_workers), str(discover))
 
 
 def trains_on(job, workdir, count: int, steps: int) -> None:
@@ -133,7 +130,6 @@ def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
     # only up to float rounding: two workers sum in another order, and training amplifies
     # that, to ~1e-4 relative after 50 steps.)
     reference = tmp_path / "reference"
-    horovod_2 = (os.path.join(ROOT, "launch", "horovod.sh"), "2")
     for count, first_step, last_step in history:
         strategy = "single" if count == 1 else "auto"
         params = (
@@ -141,7 +137,7 @@ def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
             f"distribute.strategy='{strategy}'",
             f"train.stop_after_steps={last_step - first_step + 1}",
         )
-        run_job(reference, params, horovod_2 if count == 2 else ())
+        run_job(reference, params, HOROVOD_2 if count == 2 else ())
     expected, got = scalars(reference, "train/loss"), scalars(workdir, "train/loss")
     assert sorted(got) == sorted(expected) == list(range(1, stopped + 1))
     differences = [abs(got[s] - expected[s]) / abs(expected[s]) for s in range(1, stopped + 1)]
@@ -205,7 +201,7 @@ def test_an_elastic_job_splits_a_batch_that_its_workers_do_not_divide(tmp_path):
         shutil.copy(path, replay)
     (replay / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{went_back_to}"\n')
     if left == 2:
-        run_job(replay.parent, params, (os.path.join(ROOT, "launch", "horovod.sh"), "2"))
+        run_job(replay.parent, params, HOROVOD_2)
     else:
         run_job(replay.parent, (*params, "distribute.strategy='single'"))
     expected = scalars(replay.parent, "train/loss")

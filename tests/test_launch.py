@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.jobs import ROOT, run_job, scalars
+from tests.jobs import HOROVOD_SH, ROOT, run_job, scalars
 
 SHORT = ("train.steps=3", "train.log_every=1", "train.eval_every=1000", "train.export_model=False")
 
@@ -57,6 +57,5 @@ def test_launch_scripts_explain_their_usage(script):
 def test_elastic_launch_mistakes_are_named(arguments, message):
     import subprocess
 
-    script = os.path.join(ROOT, "launch", "horovod.sh")
-    done = subprocess.run(["bash", script, *arguments], capture_output=True, text=True)
+    done = subprocess.run(["bash", HOROVOD_SH, *arguments], capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr, done.stderr

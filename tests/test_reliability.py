@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tests.jobs import (
-    ROOT,
+    HOROVOD_2,
     all_gone,
     is_worker,
     killing_all_at_exit,
@@ -71,9 +71,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
 def long_horovod_job(workdir):
     """A 2-worker job under launch/horovod.sh, once it has logged 3 steps: (launcher,
     worker processes). Whatever happens, nothing is left running afterwards."""
-    launcher = (os.path.join(ROOT, "launch", "horovod.sh"), "2")
     params = ("train.steps=100000", "train.log_every=1", "train.checkpoint_every=100000")
-    job = start_job(workdir, params, launcher)
+    job = start_job(workdir, params, HOROVOD_2)
     with killing_all_at_exit(job) as tree:
         wait_for(lambda: logged_steps(workdir) >= 3, job)
         workers = [p for p in workers_of(tree) if is_worker(p)]

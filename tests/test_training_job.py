@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.jobs import ROOT, SHORT_JOB, read_events, run_job, scalars, series
+from tests.jobs import HOROVOD_2, ROOT, SHORT_JOB, read_events, run_job, scalars, series
 
-HOROVOD_2 = (os.path.join(ROOT, "launch", "horovod.sh"), "2")
 MULTI_WORKER_2 = (os.path.join(ROOT, "launch", "multi_worker.sh"), "local", "2")
 
 BACKENDS = {

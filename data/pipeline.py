@@ -11,6 +11,8 @@ is still a function of the seed and the step alone.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import time
 
 import gin
 import numpy as np
@@ -18,6 +20,7 @@ import tensorflow as tf
 
 from data.errors import InputError
 from data.sampler import PKSampler
+from data.shared import cached, current, fingerprint
 from data.sources import Source
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -114,8 +117,79 @@ def _load(source: Source):
     if source.kind == "file":
         paths = tf.constant(source.items.astype(str))
         return lambda i: decode(tf.io.read_file(tf.gather(paths, i)))
-    records = tf.constant(list(source.items), tf.string)
-    return lambda i: decode(tf.gather(records, i))
+    reader, records = source.reader, source.items
+
+    def load(i):
+        serialized = tf.numpy_function(
+            lambda i: reader.read(records[i]), [i], tf.string, stateful=False
+        )
+        serialized.set_shape([])
+        return decode(reader.parse_image(serialized))
+
+    return load
+
+
+def substitutes(labels) -> np.ndarray:
+    """For each example, the next example of its class (cyclically; itself when alone).
+
+    A row whose image cannot be read at run time (a file changed after the start-up
+    check) is filled with its substitute, so every replica keeps its number of rows and
+    the P×K layout holds; the row is reported (see `_guarded`).
+    """
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    following = np.arange(1, len(order) + 1)
+    following[starts + counts - 1] = starts  # the last of a class wraps to its first
+    result = np.empty_like(order)
+    result[order] = order[following]
+    return result
+
+
+def _guarded(prepare, substitute_of):
+    """(index, *args) -> a dataset of one (image, ok): `prepare(index, *args)` with ok
+    True, else that of the index's substitute with ok False, else zeros with ok False.
+
+    tf.data's `ignore_errors` drops an element whose decoding fails; trying the
+    candidates in turn and keeping the first that survives is a try/except in the graph.
+    """
+
+    def one(index, *args):
+        candidates = tf.stack([index, tf.gather(substitute_of, index)])
+        tries = (
+            tf.data.Dataset.from_tensor_slices(candidates)
+            .enumerate()
+            .map(lambda n, i: (prepare(i, *args), n == 0))
+            .ignore_errors()
+        )
+        spec = tries.element_spec[0]
+        zeros = tf.data.Dataset.from_tensors((tf.zeros(spec.shape, spec.dtype), False))
+        return tries.concatenate(zeros).take(1)
+
+    return one
+
+
+def _prepared(source: Source, dataset: tf.data.Dataset, prepare) -> tf.data.Dataset:
+    """(index, *args) elements -> (image, label, ok), in order, decoded in parallel.
+
+    Pixels cannot fail to decode; files and records go through `_guarded`.
+    """
+    labels = tf.constant(source.labels)
+    if source.kind == "pixels":
+        return dataset.map(
+            lambda i, *args: (prepare(i, *args), tf.gather(labels, i), True),
+            num_parallel_calls=AUTOTUNE,
+        )
+    one = _guarded(prepare, tf.constant(substitutes(source.labels)))
+    # Each inner dataset has exactly one element, so a deterministic interleave keeps
+    # the input order while decoding many at once.
+    return dataset.interleave(
+        lambda i, *args: one(i, *args).map(lambda image, ok: (image, tf.gather(labels, i), ok)),
+        cycle_length=16,
+        block_length=1,
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+    )
 
 
 def train_batches(
@@ -126,9 +200,11 @@ def train_batches(
     last_step: int,
     preprocessing=None,
 ) -> tf.data.Dataset:
-    """(images, labels) of rows [start, end) of global batches first_step..last_step-1."""
+    """(images, labels, ok) of rows [start, end) of global batches first_step..last_step-1.
+
+    `ok` is False for a row whose image could not be read and was substituted.
+    """
     start, end = rows
-    labels = tf.constant(source.labels)
     preprocessing = preprocessing or preprocessing_for(source)
     load = _load(source)
     seed = tf.constant(sampler.seed, tf.int64)
@@ -141,70 +217,116 @@ def train_batches(
         rows_in_global = tf.range(start, end, dtype=tf.int64) + step * sampler.global_batch_size
         return tf.data.Dataset.from_tensor_slices((picked, rows_in_global))
 
-    def example(index, global_row):
-        image = preprocessing.train(load(index), tf.stack([seed, global_row]))
-        return image, tf.gather(labels, index)
+    def prepare(index, global_row):
+        return preprocessing.train(load(index), tf.stack([seed, global_row]))
 
-    return (
-        tf.data.Dataset.range(first_step, last_step)
-        .flat_map(examples)
-        .map(example, num_parallel_calls=AUTOTUNE)
-        .batch(end - start)
-        .prefetch(AUTOTUNE)
-    )
+    indices = tf.data.Dataset.range(first_step, last_step).flat_map(examples)
+    return _prepared(source, indices, prepare).batch(end - start).prefetch(AUTOTUNE)
 
 
 def eval_batches(source: Source, rows: list[tuple[int, int]], preprocessing=None):
-    """(images, labels) batches of the given [start, end) row ranges, in order."""
-    labels = tf.constant(source.labels)
+    """(images, labels, ok) batches of the given [start, end) row ranges, in order."""
     preprocessing = preprocessing or preprocessing_for(source)
     load = _load(source)
+
+    def chunk(bounds):
+        indices = tf.data.Dataset.range(bounds[0], bounds[1])
+        examples = _prepared(source, indices, lambda i: preprocessing.eval(load(i)))
+        return examples.batch(bounds[1] - bounds[0])
+
     bounds = tf.constant(rows, tf.int64)
-    return (
-        tf.data.Dataset.from_tensor_slices(bounds)
-        .map(lambda b: tf.range(b[0], b[1]))
-        .map(
-            lambda i: (
-                tf.map_fn(lambda j: preprocessing.eval(load(j)), i, fn_output_signature=tf.float32),
-                tf.gather(labels, i),
-            ),
-            num_parallel_calls=AUTOTUNE,
-        )
-        .prefetch(AUTOTUNE)
-    )
+    return tf.data.Dataset.from_tensor_slices(bounds).flat_map(chunk).prefetch(AUTOTUNE)
 
 
-@gin.configurable
-def verify_images(source: Source, on_corrupt: str = "stop") -> tuple[Source, list[str]]:
-    """Decodes every image of a file or record source once, before training.
+def unreadable(source: Source, indices) -> list[str]:
+    """Which of the examples `indices` cannot be read and decoded now, by name."""
+    load = _load(source)
+    bad = []
+    for i in indices:
+        try:
+            load(tf.constant(i, tf.int64))
+        except (tf.errors.OpError, ValueError):
+            bad.append(source.describe(int(i)))
+    return bad
 
-    A corrupt image found mid-run would stop the job hours in (or, if dropped there,
-    leave the workers with batches of different sizes). `on_corrupt='stop'` raises an
-    error naming the files; `'skip'` leaves them out of the source and returns their names.
+
+@gin.configurable(denylist=["source", "log"])
+def verify_images(source: Source, on_corrupt: str = "stop", log=None) -> tuple[Source, list[str]]:
+    """Decodes every image of a file or record source once per data set, before training.
+
+    A corrupt image found mid-run would stop the job hours in. `on_corrupt='stop'`
+    raises an error naming the files; `'skip'` leaves them out of the source and returns
+    their names. The job's processes each check their share and the verdict is cached,
+    keyed to the files (data/shared.py): a restart reads it back. `log(message)`
+    reports progress.
     """
-    if on_corrupt not in ("stop", "skip"):
-        raise InputError(f"Unknown verify_images.on_corrupt {on_corrupt!r}; valid: 'stop', 'skip'.")
+    check_on_corrupt(on_corrupt)
     if source.kind == "pixels":
         return source, []
-    load = _load(source)
-    decodable = (
-        tf.data.Dataset.range(len(source))
-        .map(lambda i: (i, tf.size(load(i))), num_parallel_calls=AUTOTUNE)
-        .ignore_errors()
-        .batch(1024)
-    )
-    good = np.zeros(len(source), bool)
-    for indices, _ in decodable:
-        good[indices.numpy()] = True
-    bad = [_describe(source, i) for i in np.flatnonzero(~good)]
+    work = current()
+    log = log or (lambda message: None)
+
+    def check() -> np.ndarray:
+        start, end = work.share(len(source))
+        log(
+            f"checking the {len(source):,} images of {source.name} once (this worker: "
+            f"{end - start:,}; the verdict is cached for later starts)"
+        )
+        return work.combine(len(source), start, _decodable(source, start, end, log))
+
+    good, _ = cached("image-check", _fingerprint(source), check)
+    good = good.astype(bool)
+    bad = [source.describe(i) for i in np.flatnonzero(~good)]
     if bad and on_corrupt == "stop":
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise InputError(
-            f"{len(bad)} image(s) of {source.name} cannot be decoded: {shown}. Fix or remove "
-            "them, or set verify_images.on_corrupt='skip' to leave them out."
+            f"{len(bad)} image(s) of {source.name} cannot be decoded: {_listed(bad)}. Fix or "
+            "remove them, or set verify_images.on_corrupt='skip' to leave them out."
         )
     return dataclasses.replace(source, items=source.items[good], labels=source.labels[good]), bad
 
 
-def _describe(source: Source, index: int) -> str:
-    return str(source.items[index]) if source.kind == "file" else f"record #{index}"
+def corrupt_policy() -> str:
+    """`verify_images.on_corrupt` as configured: what an image unreadable at run time gets."""
+    policy = gin.get_bindings(verify_images).get("on_corrupt", "stop")
+    check_on_corrupt(policy)
+    return policy
+
+
+def check_on_corrupt(on_corrupt: str) -> None:
+    if on_corrupt not in ("stop", "skip"):
+        raise InputError(f"Unknown verify_images.on_corrupt {on_corrupt!r}; valid: 'stop', 'skip'.")
+
+
+def _fingerprint(source: Source) -> str:
+    """The key of a source's image check: its files as they are now, and its rows."""
+    if source.kind == "file":
+        return fingerprint(source.items, "image-check")
+    rows = hashlib.sha1(np.ascontiguousarray(source.items).tobytes()).hexdigest()
+    return fingerprint(source.reader.files, "image-check", source.reader.image_key, rows)
+
+
+def _decodable(source: Source, start: int, end: int, log, every_seconds: float = 10.0):
+    """Whether each example in [start, end) decodes (bool array of end - start)."""
+    load = _load(source)
+    checked = (
+        tf.data.Dataset.range(start, end)
+        .map(lambda i: (i, tf.size(load(i))), num_parallel_calls=AUTOTUNE)
+        .ignore_errors()
+        .batch(1024)
+    )
+    good = np.zeros(end - start, bool)
+    last = began = time.time()
+    for done, (indices, _) in enumerate(checked):
+        good[indices.numpy() - start] = True
+        if time.time() - last >= every_seconds:
+            last = time.time()
+            log(
+                f"  checked {min((done + 1) * 1024, end - start):,}/{end - start:,} images "
+                f"({(time.time() - began):.0f}s)"
+            )
+    return good
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

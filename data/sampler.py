@@ -5,6 +5,10 @@ seeded with both, so it is the same set of examples, in the same order, whatever
 number of replicas or the backend (each replica then takes its contiguous slice), and
 a job resumed at step s draws exactly the batch it would have drawn. The sampler's
 position is therefore the step counter, which the checkpoint holds.
+
+Built in O(N log N) from one stable argsort of the labels (millions of examples of
+hundreds of thousands of classes): each class's members are a run of that order, in
+ascending index, so the draws are those of a per-class index list.
 """
 
 from __future__ import annotations
@@ -28,21 +32,25 @@ class PKSampler:
                 f"A P×K batch needs P >= 1 and K >= 1, got P={classes_per_batch}, "
                 f"K={examples_per_class}."
             )
-        classes, counts = np.unique(labels, return_counts=True)
-        eligible = classes[counts >= examples_per_class]
-        if len(eligible) < classes_per_batch:
+        # Stable: within a class, members keep ascending index order.
+        order = np.argsort(labels, kind="stable")
+        classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+        eligible = counts >= examples_per_class
+        if eligible.sum() < classes_per_batch:
             raise InputError(
                 f"The P×K batch needs {classes_per_batch} classes with at least "
                 f"{examples_per_class} examples each, but the training data has "
-                f"{len(eligible)} such classes ({len(classes)} classes, the smallest with "
+                f"{eligible.sum()} such classes ({len(classes)} classes, the smallest with "
                 f"{counts.min()} examples). Lower train.global_batch_size or "
                 "train.examples_per_class."
             )
         self.classes_per_batch = classes_per_batch
         self.examples_per_class = examples_per_class
         self.seed = seed
-        self.skipped_classes = len(classes) - len(eligible)
-        self._members = [np.flatnonzero(labels == c) for c in eligible]
+        self.skipped_classes = int(len(classes) - eligible.sum())
+        self._order = order.astype(np.int64)
+        self._starts = starts[eligible]
+        self._counts = counts[eligible]
 
     @property
     def global_batch_size(self) -> int:
@@ -51,7 +59,12 @@ class PKSampler:
     def global_batch(self, step: int) -> np.ndarray:
         """Indices (int64, P·K) of the examples of global batch `step`."""
         rng = np.random.default_rng([self.seed, step])
-        picked = rng.choice(len(self._members), self.classes_per_batch, replace=False)
+        picked = rng.choice(len(self._starts), self.classes_per_batch, replace=False)
+        k = self.examples_per_class
+        # rng.choice(members, K) draws rng.choice(len(members), K) and indexes with it.
         return np.concatenate(
-            [rng.choice(self._members[c], self.examples_per_class, replace=False) for c in picked]
-        ).astype(np.int64)
+            [
+                self._order[self._starts[c] + rng.choice(self._counts[c], k, replace=False)]
+                for c in picked
+            ]
+        )

@@ -1,9 +1,10 @@
 """Labelled datasets the P×K sampler indexes: digits, image folders, TFRecords.
 
 A `Source` holds one entry per example, in a fixed order: the pixels themselves
-(digits), a file path (image folders) or the encoded image bytes (TFRecords), with
-its integer label. The sampler picks indices, so each replica decodes only the rows
-of its own slice.
+(digits), a file path (image folders) or a record number (TFRecords, read by offset
+through an index: data/records.py), with its integer label. The sampler picks indices,
+so each replica reads and decodes only the rows of its own slice, and no source holds
+the encoded images in memory.
 
 Class selection is the same everywhere: `classes=(start, stop)` keeps the classes at
 positions [start, stop) of the sorted list of class names (folder names, or label
@@ -20,9 +21,9 @@ import os
 
 import gin
 import numpy as np
-import tensorflow as tf
 
 from data.errors import InputError
+from data.records import index_records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -32,10 +33,17 @@ class Source:
     """One dataset split: `items[i]` has label `labels[i]`."""
 
     name: str
-    items: np.ndarray  # float32 pixels (N, H, W, C), or (N,) paths / encoded bytes
+    items: np.ndarray  # float32 pixels (N, H, W, C), or (N,) paths / record numbers
     labels: np.ndarray  # int32 (N,)
-    kind: str  # "pixels", "file" or "encoded"
+    kind: str  # "pixels", "file" or "record"
     class_names: tuple
+    reader: object = None  # kind "record": the data.records.RecordReader of the files
+
+    def describe(self, index: int) -> str:
+        """The file (and record) of example `index`, for messages."""
+        if self.kind == "record":
+            return self.reader.describe(self.items[index])
+        return str(self.items[index]) if self.kind == "file" else f"example #{index}"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -109,33 +117,27 @@ def tfrecord(
     image_key="image/encoded",
     label_key="image/class/label",
 ) -> Source:
-    """TFRecord files of tf.train.Examples with an encoded image and an integer label.
+    """Uncompressed TFRecord files of tf.train.Examples with an encoded image and an
+    integer label, read by offset: memory does not grow with the data set.
 
-    The encoded images are read into memory once (a few GB at most for the usual
-    retrieval sets), so the sampler can index them like files.
+    The first start indexes the files (one pass, split over the job's processes,
+    cached: data/records.py); later starts read the index back.
     """
     files = sorted(glob.glob(pattern))
     if not files:
         raise InputError(f"tfrecord.pattern {pattern!r} matches no file.")
-    spec = {
-        image_key: tf.io.FixedLenFeature([], tf.string),
-        label_key: tf.io.FixedLenFeature([], tf.int64),
-    }
-    encoded, values = [], []
-    for record in tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, spec)):
-        encoded.append(record[image_key].numpy())
-        values.append(int(record[label_key]))
-    if not values:
+    reader, values, _ = index_records(files, label_key, image_key)
+    if not len(values):
         raise InputError(f"tfrecord.pattern {pattern!r}: the files hold no records.")
-    values = np.array(values)
     names = np.unique(values)
     keep_positions = select_classes(names, classes, f"TFRecords {pattern!r}")
     position = np.searchsorted(names, values)
     keep = np.isin(position, keep_positions)
     return Source(
         f"tfrecord({pattern})",
-        np.array(encoded, dtype=object)[keep],
+        np.flatnonzero(keep).astype(np.int64),
         position[keep].astype(np.int32),
-        "encoded",
+        "record",
         tuple(str(n) for n in names),
+        reader,
     )

@@ -74,7 +74,10 @@ def test_sharded_embedding_over_replicas_equals_one_device():
             [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(5)]
         )
     expected = model(source.items).numpy()
-    sharded = embed_source(embedding_function(model, replicas), replicas, source, chunk_size=100)
+    sharded, unread = embed_source(
+        embedding_function(model, replicas), replicas, source, chunk_size=100
+    )
     np.testing.assert_allclose(sharded, expected, atol=1e-5)
-    single = embed_source(embedding_function(model, Replicas()), Replicas(), source, 256)
+    assert len(unread) == 0
+    single, _ = embed_source(embedding_function(model, Replicas()), Replicas(), source, 256)
     np.testing.assert_allclose(single, expected, atol=1e-5)

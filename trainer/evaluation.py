@@ -5,6 +5,12 @@ of queries with at least one same-class example among their k nearest. MAP@R
 (Musgrave et al., "A Metric Learning Reality Check", 2020): with R the number of other
 examples of the query's class, the mean over queries of
 (1/R) · Σ_{i ≤ R} P@i · [rank i is relevant].
+
+It holds at millions of examples: no N×N array anywhere. Queries are ranked a chunk at a
+time with `tf.math.top_k` on the device, keeping only the neighbours the metrics need
+(depth = max(k, largest R)); R comes from class counts. Each query's figures are summed,
+so the queries can be split over devices and processes and the sums added
+(`sharded_retrieval_metrics`). Ties in distance are broken by index (top_k's order).
 """
 
 from __future__ import annotations
@@ -15,36 +21,109 @@ import tensorflow as tf
 from data.pipeline import eval_batches
 from losses import pairwise_distances
 
+# Distances held at once per device: chunk rows × N keys (2^25 float32 = 128 MB).
+MAX_DISTANCES_PER_CHUNK = 1 << 25
+
 
 def retrieval_metrics(embeddings, labels, ks=(1,), distance="cosine", chunk=1024) -> dict:
-    """{'recall@k': ..., 'map@r': ...} of `embeddings` (N, D) with `labels` (N,).
+    """{'recall@k': ..., 'map@r': ...} of `embeddings` (N, D) with `labels` (N,), in one process.
 
-    Exact: all N² distances, computed `chunk` queries at a time, so memory stays at
-    chunk × N. Ties in distance are broken by index.
+    Exact: every query against all N keys, `chunk` queries at a time (fewer when N is
+    large, so a chunk's distances stay within MAX_DISTANCES_PER_CHUNK).
     """
-    embeddings = np.asarray(embeddings, np.float32)
-    labels = np.asarray(labels)
-    n = len(labels)
-    if n < 2:
-        raise ValueError(f"Retrieval needs at least 2 evaluation examples, got {n}.")
-    r = (labels[:, None] == labels[None, :]).sum(axis=1) - 1
-    max_r = int(r.max())
-    depth = max(max_r, *ks)
-    keys = tf.constant(embeddings)
-    relevant_top = np.zeros((n, min(depth, n - 1)), bool)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        d = pairwise_distances(keys[start:stop], keys, distance).numpy()
-        d[np.arange(stop - start), np.arange(start, stop)] = np.inf  # not itself
-        order = np.argsort(d, axis=1, kind="stable")[:, : relevant_top.shape[1]]
-        relevant_top[start:stop] = labels[order] == labels[start:stop, None]
-    metrics = {f"recall@{k}": float(relevant_top[:, :k].any(axis=1).mean()) for k in ks}
-    ranks = np.arange(1, relevant_top.shape[1] + 1)
-    precision = np.cumsum(relevant_top, axis=1) / ranks
-    within_r = ranks[None, :] <= r[:, None]
-    ap = (precision * relevant_top * within_r).sum(axis=1) / np.maximum(r, 1)
-    metrics["map@r"] = float(ap[r > 0].mean()) if (r > 0).any() else 0.0
-    return metrics
+    ranking = Ranking(embeddings, labels, ks, distance, chunk)
+    return ranking.metrics(ranking.sums(0, len(ranking.labels)))
+
+
+def sharded_retrieval_metrics(embeddings, labels, ks, distance, replicas, chunk=1024) -> dict:
+    """`retrieval_metrics` with the queries split over every replica of the job.
+
+    Every process holds all embeddings (the keys); each ranks its share of the queries,
+    split again over its local devices, and the per-query sums are added across
+    processes, so N replicas each do 1/N of the work.
+    """
+    ranking = Ranking(embeddings, labels, ks, distance, chunk)
+    start, end = replicas.process_rows(len(ranking.labels))
+    devices = replicas.local_devices()
+    bounds = np.linspace(start, end, len(devices) + 1).round().astype(int)
+    local = sum(
+        ranking.sums(first, last, device)
+        for device, first, last in zip(devices, bounds[:-1], bounds[1:], strict=True)
+    )
+    return ranking.metrics(replicas.sum_over_processes(local))
+
+
+class Ranking:
+    """The keys, labels and per-query R of an evaluation set, ready to rank queries."""
+
+    def __init__(self, embeddings, labels, ks, distance, chunk):
+        labels = np.asarray(labels)
+        n = len(labels)
+        if n < 2:
+            raise ValueError(f"Retrieval needs at least 2 evaluation examples, got {n}.")
+        _, class_of, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        self.r = (counts[class_of] - 1).astype(np.int32)
+        self.ks = tuple(ks)
+        self.depth = min(max(int(self.r.max()), *self.ks), n - 1)
+        self.chunk = max(1, min(chunk, MAX_DISTANCES_PER_CHUNK // n))
+        self.labels = labels
+        self.embeddings = np.asarray(embeddings, np.float32)
+        self.distance = distance
+        self._keys, self._key_labels = {}, {}
+        self._rank = tf.function(self._rank_chunk, reduce_retracing=True)
+
+    def sums(self, start: int, end: int, device: str | None = None) -> np.ndarray:
+        """[hits@k for each k..., sum of AP over queries with R > 0, number of them]
+        of the queries [start, end), ranked on `device`."""
+        totals = np.zeros(len(self.ks) + 2)
+        with tf.device(device):
+            keys, key_labels = self._on(device)
+            for first in range(start, end, self.chunk):
+                last = min(first + self.chunk, end)
+                totals += self._rank(
+                    keys[first:last],
+                    key_labels[first:last],
+                    tf.range(first, last),
+                    tf.constant(self.r[first:last]),
+                    keys,
+                    key_labels,
+                ).numpy()
+        return totals
+
+    def metrics(self, totals) -> dict:
+        n = len(self.labels)
+        result = {f"recall@{k}": float(totals[i] / n) for i, k in enumerate(self.ks)}
+        ap_sum, with_relevant = totals[-2], totals[-1]
+        result["map@r"] = float(ap_sum / with_relevant) if with_relevant else 0.0
+        return result
+
+    def _on(self, device):
+        """The keys as tensors on `device`, copied there once."""
+        if device not in self._keys:
+            self._keys[device] = tf.constant(self.embeddings)
+            self._key_labels[device] = tf.constant(self.labels)
+        return self._keys[device], self._key_labels[device]
+
+    def _rank_chunk(self, queries, query_labels, query_rows, r, keys, key_labels):
+        depth = self.depth
+        d = pairwise_distances(queries, keys, self.distance)
+        # One neighbour more than needed, then the query itself (if among them) moves to
+        # the end: the ranking of the others, without writing into the N-wide row.
+        _, nearest = tf.math.top_k(-d, k=depth + 1, sorted=True)
+        is_self = tf.cast(nearest == query_rows[:, None], tf.int32)
+        nearest = tf.gather(nearest, tf.argsort(is_self, axis=1, stable=True), batch_dims=1)
+        relevant = tf.gather(key_labels, nearest[:, :depth]) == query_labels[:, None]
+        hits = [
+            tf.reduce_sum(tf.cast(tf.reduce_any(relevant[:, :k], 1), tf.float64)) for k in self.ks
+        ]
+        relevant = tf.cast(relevant, tf.float64)
+        ranks = tf.range(1, depth + 1, dtype=tf.float64)
+        precision = tf.cumsum(relevant, axis=1) / ranks
+        within_r = tf.cast(ranks[None, :] <= tf.cast(r, tf.float64)[:, None], tf.float64)
+        r_float = tf.cast(r, tf.float64)
+        ap = tf.reduce_sum(precision * relevant * within_r, 1) / tf.maximum(r_float, 1.0)
+        has_relevant = tf.cast(r > 0, tf.float64)
+        return tf.stack([*hits, tf.reduce_sum(ap * has_relevant), tf.reduce_sum(has_relevant)])
 
 
 def eval_chunks(num_examples: int, chunk_size: int, num_replicas: int) -> list[tuple[int, int]]:
@@ -63,31 +142,41 @@ def eval_chunks(num_examples: int, chunk_size: int, num_replicas: int) -> list[t
 
 def embedding_function(model, replicas):
     """Compiled per-replica step: embed the replica's images (inference mode) and
-    all-gather the embeddings of every replica, in replica order."""
+    all-gather the embeddings of every replica, in replica order, with a last column
+    saying whether each row's image was read (1) or substituted (0)."""
 
     @tf.function
-    def embed_and_gather(images, replica_rows):
+    def embed_and_gather(images, ok, replica_rows):
         embeddings = tf.cast(model(images, training=False), tf.float32)
-        return replicas.all_gather(embeddings, replica_rows)
+        rows = tf.concat([embeddings, tf.cast(ok, tf.float32)[:, None]], axis=1)
+        return replicas.all_gather(rows, replica_rows)
 
     return embed_and_gather
 
 
-def embed_source(embed_and_gather, replicas, source, chunk_size: int = 512) -> np.ndarray:
-    """Embeddings of a whole evaluation source, in order, on every process.
+def embed_source(embed_and_gather, replicas, source, chunk_size: int = 512):
+    """(embeddings, unreadable rows) of a whole evaluation source, in order, on every process.
 
     Each replica embeds its slice of each chunk and the slices are all-gathered
     (`embedding_function`), so the work is sharded and every process ends with all rows.
+    An image unreadable now (changed since the start-up check) was replaced by another
+    of its class (data.pipeline.substitutes); its row is listed.
     """
     chunks = eval_chunks(len(source), chunk_size, replicas.size)
     my_rows = [_process_rows_of_chunk(replicas, start, end) for start, end in chunks]
-    parts = []
-    for (start, end), (images, _) in zip(chunks, eval_batches(source, my_rows), strict=True):
-        distributed = replicas.distribute(images, global_size=end - start)
+    embeddings, read = None, np.ones(len(source), bool)
+    batches = eval_batches(source, my_rows)
+    for (start, end), (images, _, ok) in zip(chunks, batches, strict=True):
+        distributed = replicas.distribute(images, ok, global_size=end - start)
         layout = {"replica_rows": replicas.replica_rows(end - start)}
-        gathered = replicas.run(embed_and_gather, distributed, layout)
-        parts.append(np.asarray(replicas.local_results(gathered)[0]))
-    return np.concatenate(parts)
+        gathered = np.asarray(
+            replicas.local_results(replicas.run(embed_and_gather, distributed, layout))[0]
+        )
+        if embeddings is None:  # one array of N rows, filled in place (no list of copies)
+            embeddings = np.empty((len(source), gathered.shape[1] - 1), np.float32)
+        embeddings[start:end] = gathered[:, :-1]
+        read[start:end] = gathered[:, -1] > 0.5
+    return embeddings, np.flatnonzero(~read)
 
 
 def _process_rows_of_chunk(replicas, start: int, end: int) -> tuple[int, int]:

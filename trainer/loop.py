@@ -17,14 +17,15 @@ import gin
 import keras
 import numpy as np
 
+from data import shared
 from data.errors import InputError
-from data.pipeline import train_batches, verify_images
+from data.pipeline import corrupt_policy, train_batches, unreadable, verify_images
 from data.sampler import PKSampler
 from data.sources import digits
 from losses import TripletSemiHardLoss
 from trainer import export
 from trainer.checkpoints import Checkpoints
-from trainer.evaluation import embed_source, embedding_function, retrieval_metrics
+from trainer.evaluation import embed_source, embedding_function, sharded_retrieval_metrics
 from trainer.model import digits_convnet, sync_batchnorm
 from trainer.preemption import StopRequest
 from trainer.summaries import Summaries
@@ -141,10 +142,12 @@ def train(
     _check(precision in PRECISIONS, f"Unknown train.precision {precision!r}; valid: {PRECISIONS}.")
     loss = loss if loss is not None else TripletSemiHardLoss(margin=0.2, distance="cosine")
 
-    train_source = (train_data or (lambda: digits(classes=(0, 6))))()
-    eval_source = (eval_data or (lambda: digits(classes=(6, 10))))()
-    train_source, corrupt = verify_images(train_source)
-    eval_source, corrupt_eval = verify_images(eval_source)
+    on_corrupt = corrupt_policy()
+    with shared.using(_shared_work(workdir, replicas)):  # indexing and checks, split and cached
+        train_source = (train_data or (lambda: digits(classes=(0, 6))))()
+        eval_source = (eval_data or (lambda: digits(classes=(6, 10))))()
+        train_source, corrupt = verify_images(train_source, log=say)
+        eval_source, corrupt_eval = verify_images(eval_source, log=say)
     for name in (corrupt + corrupt_eval)[:5]:
         say(f"  skipped corrupt image {name}")
     if corrupt or corrupt_eval:
@@ -208,6 +211,7 @@ def train(
         eval_chunk_size,
         summaries,
         say,
+        on_corrupt,
     )
     if chief:
         operative = gin.operative_config_str()
@@ -239,6 +243,7 @@ def train(
         export_model=export_model,
         stop_after_steps=stop_after_steps,
         skip_nonfinite=nonfinite == "skip",
+        on_corrupt=on_corrupt,
         train_source=train_source,
         eval_source=eval_source,
         sampler=sampler,
@@ -254,6 +259,21 @@ def train(
         if replicas.elastic:
             return _run_elastic(job, stop, elastic_commit_every)
         return _run(job, stop, first_step)
+
+
+def _shared_work(workdir: str, replicas) -> shared.SharedWork:
+    """The job's processes as data/shared.py sees them. In an elastic job a worker may
+    join later, and nobody may call a collective before the elastic loop: each worker
+    then works alone (a cached result is still read back)."""
+    cache_dir = shared.cache_directory(workdir)
+    if replicas.elastic:
+        return shared.SharedWork(cache_dir)
+    return shared.SharedWork(
+        cache_dir,
+        process=replicas.rank,
+        processes=replicas.size // replicas.local_replicas,
+        sum_over_processes=replicas.sum_over_processes,
+    )
 
 
 def _check_divides(global_batch_size: int, num_replicas: int) -> None:
@@ -281,6 +301,7 @@ class _Job:
     export_model: bool
     stop_after_steps: int | None
     skip_nonfinite: bool
+    on_corrupt: str
     train_source: object
     eval_source: object
     sampler: PKSampler
@@ -291,6 +312,7 @@ class _Job:
     summaries: Summaries
     evaluate: object
     first_step: int
+    unreadable_images: int = 0  # images unreadable at run time, replaced (on_corrupt='skip')
 
 
 class NumericalError(RuntimeError):
@@ -308,8 +330,14 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
     batches = train_batches(job.train_source, job.sampler, rows, start, last_step)
     last_print = window_start = time.time()
     window_steps, results, skipped = 0, {}, 0
-    for step, (images, labels) in zip(range(start + 1, last_step + 1), batches, strict=True):
+    for step, (images, labels, ok) in zip(range(start + 1, last_step + 1), batches, strict=True):
         metrics = job.step_fn.run_local(images, labels, global_size=job.global_batch_size)
+        # One small collective a step: a stop request, or an unreadable image, anywhere.
+        stop_requested, unreadable_rows = job.replicas.sum_over_processes(
+            [stop.requested, np.size(ok) - np.count_nonzero(ok)]
+        )
+        if unreadable_rows:
+            _unreadable_in_step(job, step)
         window_steps += 1
         skipped += _check_finite(job, metrics, step)
         now = time.time()
@@ -319,7 +347,7 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
         if now - last_print >= job.progress_seconds or step in (start + 1, last_step):
             _print_progress(job, step, metrics, rate, compiling=step == start + 1)
             last_print, window_start, window_steps = now, now, 0
-        if job.replicas.any_process(stop.requested) and step < last_step:
+        if stop_requested and step < last_step:
             job.checkpoints.save(step)  # and straight out: the scheduler's grace is short
             say(
                 f"stopped by {stop.signal_name or 'a stop request on another worker'} at "
@@ -384,6 +412,24 @@ def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
     return elastic.run(attempt, state)
 
 
+def _unreadable_in_step(job: _Job, step: int) -> None:
+    """Images of step `step` passed the start-up check but cannot be read now (a file
+    changed on a shared disk). Their rows were filled with another example of the same
+    class on every replica; 'stop' ends the job before this step is checkpointed."""
+    names = unreadable(job.train_source, job.sampler.global_batch(step - 1))
+    listed = ", ".join(names) or "(readable again when checked)"
+    if job.on_corrupt == "stop":
+        raise InputError(
+            f"{len(names)} image(s) of {job.train_source.name} cannot be read at step {step}, "
+            f"although they passed the start-up check: {listed}. Nothing of this step was "
+            f"saved; last checkpoint: {job.checkpoints.latest or 'none'}. Fix them and run "
+            "the same command, or set verify_images.on_corrupt='skip'."
+        )
+    job.unreadable_images += len(names)
+    job.summaries.scalars(step, {"data/unreadable_images": job.unreadable_images})
+    job.say(f"step {step}: unreadable image(s) {listed} replaced by others of their class")
+
+
 def _check_finite(job: _Job, metrics: dict, step: int) -> int:
     """1 if the step was skipped for non-finite values, 0 if fine; raises to stop the run.
 
@@ -433,23 +479,44 @@ def _print_progress(job: _Job, step: int, metrics: dict, rate: float, compiling:
 class Evaluator:
     """Embeds the eval set on all replicas, computes retrieval metrics, logs them."""
 
-    def __init__(self, model, replicas, source, distance, recall_k, chunk_size, summaries, say):
+    def __init__(
+        self, model, replicas, source, distance, recall_k, chunk_size, summaries, say, on_corrupt
+    ):
         self.model, self.replicas, self.source, self.distance = model, replicas, source, distance
         self.retrace()
         self.ks = sorted({1, recall_k})
         self.chunk_size, self.summaries, self.say = chunk_size, summaries, say
+        self.on_corrupt = on_corrupt
 
     def retrace(self) -> None:
         """A fresh compiled embedding step (see `TrainStep.retrace`)."""
         self.embed = embedding_function(self.model, self.replicas)
 
     def __call__(self, step: int):
-        embeddings = embed_source(self.embed, self.replicas, self.source, self.chunk_size)
-        metrics = retrieval_metrics(embeddings, self.source.labels, self.ks, self.distance)
+        embeddings, unreadable_rows = embed_source(
+            self.embed, self.replicas, self.source, self.chunk_size
+        )
+        if len(unreadable_rows):
+            self._unreadable(step, [self.source.describe(i) for i in unreadable_rows])
+        metrics = sharded_retrieval_metrics(
+            embeddings, self.source.labels, self.ks, self.distance, self.replicas
+        )
         self.summaries.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
         figures = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         self.say(f"eval at step {step}: {figures}", flush=True)
         return metrics, embeddings
+
+    def _unreadable(self, step: int, names: list[str]) -> None:
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        if self.on_corrupt == "stop":
+            raise InputError(
+                f"{len(names)} evaluation image(s) of {self.source.name} cannot be read at step "
+                f"{step}, although they passed the start-up check: {listed}. Fix them and run "
+                "the same command, or set verify_images.on_corrupt='skip'."
+            )
+        self.say(
+            f"eval at step {step}: unreadable image(s) {listed} replaced by others of their class"
+        )
 
 
 def _write_outputs(workdir, model, embeddings, eval_source, results, export_model):

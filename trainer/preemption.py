@@ -10,7 +10,8 @@ class StopRequest:
     """Remembers whether (and which) stop signal arrived; installs its handlers on creation.
 
     Workers must agree on the step at which they stop, or the others would wait in a
-    collective forever: the loop asks `Replicas.any_process(stop.requested)` every step.
+    collective forever: the loop adds up `stop.requested` over the processes every step
+    (`Replicas.sum_over_processes`).
     """
 
     def __init__(self, signals=(signal.SIGTERM,)):

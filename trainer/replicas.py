@@ -124,9 +124,13 @@ class Replicas:
         """The chief's `value` (a picklable object) on every process."""
         return value
 
-    def any_process(self, flag: bool) -> bool:
-        """True on every process if `flag` is True on any (one tiny collective)."""
-        return bool(flag)
+    def sum_over_processes(self, array) -> np.ndarray:
+        """The element-wise sum of every process's float64 `array` (same shape on all)."""
+        return np.asarray(array, np.float64)
+
+    def local_devices(self) -> list:
+        """The devices of this process's replicas (None: the default device)."""
+        return [None]
 
     # --- inside the step ------------------------------------------------------------
     def replica_index(self) -> tf.Tensor:
@@ -177,11 +181,20 @@ class MirroredReplicas(Replicas):
     def scope(self):
         return self.strategy.scope()
 
-    def any_process(self, flag: bool) -> bool:
+    def sum_over_processes(self, array) -> np.ndarray:
+        array = np.asarray(array, np.float64)
         if self.local_replicas == self.size:  # one process: nothing to ask
-            return bool(flag)
-        value = self.strategy.run(lambda: tf.constant(float(flag)))
-        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)) > 0
+            return array
+        zeros = np.zeros_like(array)  # the first local replica carries the process's value
+        value = self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(
+                array if ctx.replica_id_in_sync_group == self.first_local_replica else zeros
+            )
+        )
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None).numpy()
+
+    def local_devices(self) -> list:
+        return list(self.strategy.extended.worker_devices)
 
     @property
     def local_replicas(self) -> int:
@@ -262,9 +275,9 @@ class HorovodReplicas(Replicas):
     def agree(self, value):
         return self.hvd.broadcast_object(value, root_rank=0)
 
-    def any_process(self, flag: bool) -> bool:
-        total = self.hvd.allreduce(tf.constant([float(flag)]), op=self.hvd.Sum)
-        return float(total[0]) > 0
+    def sum_over_processes(self, array) -> np.ndarray:
+        array = tf.constant(np.asarray(array, np.float64))
+        return self.hvd.allreduce(array, op=self.hvd.Sum).numpy()
 
     def replica_index(self):
         return tf.constant(self.rank)

@@ -1,0 +1,155 @@
+"""Random access to TFRecord files through an index of record offsets.
+
+A TFRecord file is a sequence of records, each an 8-byte length, a 4-byte checksum of
+it, the data and a 4-byte checksum of the data. One pass over the files (the work split
+over the job's processes by file, the result cached: see data/shared.py) gives every
+record's length and label; the offsets follow by a running sum. Training then reads a
+record by its offset (`os.pread`, thread-safe and outside the GIL, so tf.data reads
+many in parallel) and never holds the data set: what stays in memory is 20 bytes a
+record for the index, and the labels.
+
+Files must be uncompressed TFRecords on a file system the workers can open (a local
+disk or a shared mount); a compressed file is refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from data.errors import InputError
+from data.shared import cached, current, fingerprint
+
+RECORD_OVERHEAD = 16  # 8-byte length and its 4-byte CRC before the data, a 4-byte CRC after
+HEADER = 12
+
+
+class RecordReader:
+    """Reads record `i` of the indexed files by offset; `image(i)` is its encoded image."""
+
+    def __init__(self, files, counts, lengths, image_key: str):
+        self.files = tuple(files)
+        self.file_of = np.repeat(np.arange(len(files), dtype=np.int32), counts)
+        self.lengths = lengths.astype(np.int64)
+        sizes = self.lengths + RECORD_OVERHEAD
+        begins = np.cumsum(sizes) - sizes  # as if the files were one
+        self.first_record = np.cumsum(counts) - counts
+        file_begins = np.zeros(len(counts), np.int64)
+        file_begins[counts > 0] = begins[self.first_record[counts > 0]]
+        self.offsets = begins - np.repeat(file_begins, counts) + HEADER  # where the data starts
+        self.image_key = image_key
+        self._descriptors: dict = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def read(self, i) -> bytes:
+        """The serialized tf.train.Example of record `i`."""
+        i = int(i)
+        return os.pread(
+            self._descriptor(self.file_of[i]), int(self.lengths[i]), int(self.offsets[i])
+        )
+
+    def describe(self, i) -> str:
+        f = self.file_of[i]
+        return f"{self.files[f]} record #{int(i - self.first_record[f])}"
+
+    def parse_image(self, serialized):
+        """The encoded image of a serialized record (a TF op, for tf.data)."""
+        spec = {self.image_key: tf.io.FixedLenFeature([], tf.string)}
+        return tf.io.parse_single_example(serialized, spec)[self.image_key]
+
+    def _descriptor(self, f: int) -> int:
+        descriptor = self._descriptors.get(f)
+        if descriptor is None:
+            with self._lock:
+                descriptor = self._descriptors.get(f)
+                if descriptor is None:
+                    descriptor = self._descriptors[f] = os.open(self.files[f], os.O_RDONLY)
+        return descriptor
+
+    def __del__(self):
+        for descriptor in getattr(self, "_descriptors", {}).values():
+            os.close(descriptor)
+
+
+def index_records(files, label_key: str, image_key: str) -> tuple[RecordReader, np.ndarray, bool]:
+    """(reader, labels, read_from_cache) of every record of `files`, in file order.
+
+    Each process scans every Nth file; the shares are added up and cached (data/shared.py).
+    """
+    files = list(files)
+    key = fingerprint(files, "tfrecord-index", label_key)
+    values, from_cache = cached("tfrecord-index", key, lambda: _index_shared(files, label_key))
+    counts = values[: len(files)].astype(np.int64)
+    total = int(counts.sum())
+    lengths = values[len(files) : len(files) + total]
+    labels = values[len(files) + total :].astype(np.int64)
+    reader = RecordReader(files, counts, lengths, image_key)
+    _check_image_key(reader, image_key)
+    return reader, labels, from_cache
+
+
+def _index_shared(files, label_key) -> np.ndarray:
+    """[records per file..., every record's length..., every record's label...]."""
+    work = current()
+    mine = {
+        f: _scan(path, label_key)
+        for f, path in enumerate(files)
+        if f % work.processes == work.process
+    }
+    counts = np.zeros(len(files))
+    for f, (lengths, _) in mine.items():
+        counts[f] = len(lengths)
+    counts = work.sum_over_processes(counts).astype(np.int64)
+    firsts = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    rows = np.zeros((total, 2))
+    for f, (lengths, labels) in mine.items():
+        rows[firsts[f] : firsts[f] + counts[f]] = np.stack([lengths, labels], axis=1)
+    rows = work.sum_over_processes(rows)
+    return np.concatenate([counts, rows[:, 0], rows[:, 1]])
+
+
+def _scan(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths and labels of the records of one file, streamed (nothing kept but those)."""
+    spec = {label_key: tf.io.FixedLenFeature([], tf.int64)}
+    records = (
+        tf.data.TFRecordDataset(path, buffer_size=8 << 20)
+        .batch(4096)
+        .map(lambda r: (tf.strings.length(r), tf.io.parse_example(r, spec)[label_key]))
+    )
+    lengths, labels = [], []
+    try:
+        for length, label in records:
+            lengths.append(length.numpy())
+            labels.append(label.numpy())
+    except tf.errors.OpError as error:
+        first_line = str(error.message).strip().splitlines()[0][:200]
+        raise InputError(
+            f"TFRecord file {path!r} cannot be indexed: {first_line}. It must hold "
+            f"uncompressed tf.train.Examples with an int64 {label_key!r} (tfrecord.label_key)."
+        ) from error
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    if int((lengths + RECORD_OVERHEAD).sum()) != os.path.getsize(path):
+        raise InputError(
+            f"TFRecord file {path!r} is not an uncompressed TFRecord file (its records do "
+            "not add up to its size); compressed files cannot be read by offset."
+        )
+    return lengths, labels
+
+
+def _check_image_key(reader: RecordReader, image_key: str) -> None:
+    if not len(reader):
+        return
+    example = tf.train.Example.FromString(reader.read(0))
+    if image_key not in example.features.feature:
+        raise InputError(
+            f"The records of {reader.files[0]!r} have no feature {image_key!r} "
+            f"(tfrecord.image_key); they have {sorted(example.features.feature)}."
+        )

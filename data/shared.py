@@ -22,6 +22,7 @@ from collections.abc import Callable
 import gin
 import numpy as np
 
+
 @dataclasses.dataclass(frozen=True)
 class SharedWork:
     """Who this process is among the job's processes, and where results are cached."""

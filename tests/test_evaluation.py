@@ -10,16 +10,22 @@ from trainer.evaluation import embed_source, embedding_function, eval_chunks, re
 from trainer.replicas import Replicas
 
 
-def reference_metrics(embeddings, labels, ks):
-    """Recall@k and MAP@R by plain loops (cosine distance, ties broken by index)."""
-    x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+def reference_metrics(embeddings, labels, ks, distance="cosine"):
+    """Recall@k and MAP@R by plain loops (cosine or squared Euclidean distance, ties
+    broken by index)."""
+    x = np.asarray(embeddings, np.float64)
+    if distance == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        between = lambda a, b: 1.0 - float(a @ b)  # noqa: E731
+    else:
+        between = lambda a, b: float(((a - b) ** 2).sum())  # noqa: E731
     n = len(labels)
     recall = {k: 0.0 for k in ks}
     average_precisions = []
     for q in range(n):
         others = [i for i in range(n) if i != q]
-        distance = {i: 1.0 - float(x[q] @ x[i]) for i in others}
-        ranked = sorted(others, key=lambda i: (distance[i], i))
+        distance_to = {i: between(x[q], x[i]) for i in others}
+        ranked = sorted(others, key=lambda i: (distance_to[i], i))
         relevant = [labels[i] == labels[q] for i in ranked]
         for k in ks:
             recall[k] += any(relevant[:k]) / n

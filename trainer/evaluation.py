@@ -83,7 +83,7 @@ class Ranking:
                 totals += self._rank(
                     keys[first:last],
                     key_labels[first:last],
-                    tf.range(first, last),
+                    tf.range(int(first), int(last), dtype=tf.int32),
                     tf.constant(self.r[first:last]),
                     keys,
                     key_labels,

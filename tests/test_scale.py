@@ -1,0 +1,310 @@
+"""What makes the trainer hold at millions of images, tested at small sizes: the sampler's
+O(N log N) construction draws today's batches, sharded evaluation equals brute force,
+TFRecords are read by offset, and the start-up image check runs once per data set."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data import shared
+from data.errors import InputError
+from data.pipeline import (
+    ImagePreprocessing,
+    eval_batches,
+    substitutes,
+    train_batches,
+    verify_images,
+)
+from data.sampler import PKSampler
+from data.sources import image_folder, tfrecord
+from tests.cross_replica_case import mirrored
+from tests.jobs import ROOT, job_env
+from tests.test_evaluation import reference_metrics
+from trainer.evaluation import retrieval_metrics, sharded_retrieval_metrics
+
+
+def per_class_scan_batch(labels, p, k, seed, step):
+    """The sampler as it was built before: one `labels == c` scan per class (O(N·C))."""
+    classes, counts = np.unique(labels, return_counts=True)
+    members = [np.flatnonzero(labels == c) for c in classes[counts >= k]]
+    rng = np.random.default_rng([seed, step])
+    picked = rng.choice(len(members), p, replace=False)
+    return np.concatenate([rng.choice(members[c], k, replace=False) for c in picked])
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_sampler_draws_the_batches_of_the_per_class_scan(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 300, size=5000) * 7 - 50  # unsorted, sparse, negative ids
+    labels[:3] = 10_000  # a class too small for K: left out by both
+    sampler = PKSampler(labels, 8, 4, seed)
+    for step in (0, 1, 17, 10_000):
+        np.testing.assert_array_equal(
+            sampler.global_batch(step), per_class_scan_batch(labels, 8, 4, seed, step)
+        )
+    assert sampler.skipped_classes == 1 + int((np.bincount(labels[3:] + 50)[::7] < 4).sum())
+
+
+def clustered(n, classes, dim, seed):
+    """Small integer points around class centres: many exact ties in squared Euclidean
+    distance, computed exactly in float32, which must be broken by index."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    x = rng.integers(-1, 2, size=(n, dim)) + 2 * rng.integers(-2, 3, size=(classes, dim))[labels]
+    labels[0] = classes + 5  # a singleton: no relevant item
+    return x.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2, 4])
+def test_sharded_retrieval_on_replicas_equals_brute_force(num_replicas):
+    x, labels = clustered(150, 12, 3, seed=num_replicas)
+    expected = reference_metrics(x, labels, (1, 4, 8), "squared_euclidean")
+    replicas = mirrored(num_replicas)
+    got = sharded_retrieval_metrics(x, labels, (1, 4, 8), "squared_euclidean", replicas, 16)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
+    one_process = retrieval_metrics(x, labels, (1, 4, 8), "squared_euclidean", chunk=7)
+    assert got == pytest.approx(one_process, abs=1e-12)
+    assert 0.05 < got["map@r"] < 0.95
+
+
+def test_ranking_depth_covers_the_largest_class_and_k():
+    labels = np.array([0] * 30 + [1] * 3)  # R = 29 for class 0
+    x = np.random.default_rng(0).normal(size=(33, 3)).astype(np.float32)
+    got = retrieval_metrics(x, labels, (1, 2), chunk=5)
+    assert got == pytest.approx(reference_metrics(x, labels, (1, 2)), abs=1e-9)
+
+
+def test_sharded_retrieval_under_horovodrun_equals_brute_force(tmp_path):
+    import subprocess
+    import sys
+
+    x, labels = clustered(90, 7, 3, seed=3)
+    np.savez(tmp_path / "case.npz", x=x, labels=labels)
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "horovodrun"),
+        "-np", "2", "-H", "localhost:2", "--gloo",
+        sys.executable, "-m", "tests.horovod_eval_worker", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = reference_metrics(x, labels, (1, 4), "squared_euclidean")
+    for rank in (0, 1):
+        got = dict(np.load(tmp_path / f"metrics{rank}.npz"))
+        assert int(got.pop("workers")) == 2
+        assert int(got.pop("queries")) == 45  # each worker ranked half of the queries
+        for key, value in expected.items():
+            assert float(got[key]) == pytest.approx(value, abs=1e-9), key
+
+
+def _png(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    return tf.io.encode_png(rng.integers(0, 255, size=(12, 10, 3), dtype=np.uint8)).numpy()
+
+
+def _example(png: bytes, label: int) -> bytes:
+    feature = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def same_images_as_folder_and_records(root, classes=4, per_class=5, files=3):
+    """The same PNGs as an image folder and as `files` TFRecord files, in the same order."""
+    records = []
+    for c in range(classes):
+        (root / "folder" / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            png = _png(c * 100 + i)
+            (root / "folder" / str(c) / f"{i}.png").write_bytes(png)
+            records.append(_example(png, c))
+    (root / "records").mkdir()
+    for f, part in enumerate(np.array_split(np.arange(len(records)), files)):
+        with tf.io.TFRecordWriter(str(root / "records" / f"part-{f}.tfrecord")) as writer:
+            for r in part:
+                writer.write(records[r])
+    return image_folder(str(root / "folder")), str(root / "records" / "*.tfrecord")
+
+
+def test_tfrecords_read_by_offset_give_the_batches_of_the_same_images_as_files(tmp_path):
+    folder, pattern = same_images_as_folder_and_records(tmp_path)
+    with shared.using(shared.SharedWork(str(tmp_path / "cache"))):
+        records = tfrecord(pattern)
+        again = tfrecord(pattern)  # the index read back from the cache
+    np.testing.assert_array_equal(records.labels, folder.labels)
+    np.testing.assert_array_equal(again.reader.offsets, records.reader.offsets)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    sampler = PKSampler(folder.labels, 2, 3, seed=0)
+    prep = ImagePreprocessing(size=8)
+    for rows in ((0, 6), (0, 3), (3, 6)):
+        for a, b in zip(
+            train_batches(folder, sampler, rows, 0, 4, prep),
+            train_batches(records, sampler, rows, 0, 4, prep),
+            strict=True,
+        ):
+            for x, y in zip(a, b, strict=True):
+                np.testing.assert_array_equal(x, y)
+    for a, b in zip(
+        eval_batches(folder, [(0, 7), (7, 20)], prep),
+        eval_batches(records, [(0, 7), (7, 20)], prep),
+        strict=True,
+    ):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_tfrecord_mistakes_name_the_file_or_key(tmp_path):
+    _, pattern = same_images_as_folder_and_records(tmp_path, files=1)
+    with pytest.raises(InputError, match="no feature 'jpeg'.*tfrecord.image_key"):
+        tfrecord(pattern, image_key="jpeg")
+    with pytest.raises(InputError, match="part-0.tfrecord' cannot be indexed.*'label'"):
+        tfrecord(pattern, label_key="label")
+    with tf.io.TFRecordWriter(
+        str(tmp_path / "zipped.tfrecord"), tf.io.TFRecordOptions(compression_type="GZIP")
+    ) as writer:
+        writer.write(_example(_png(0), 0))
+    with pytest.raises(InputError, match="zipped.tfrecord"):
+        tfrecord(str(tmp_path / "zipped.tfrecord"))
+
+
+def _folder(root, classes=3, per_class=4):
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            (root / str(c) / f"{i}.png").write_bytes(_png(c * 10 + i))
+    return root
+
+
+def test_the_image_check_runs_once_per_data_set_and_a_changed_file_is_checked_again(
+    tmp_path, monkeypatch
+):
+    import data.pipeline
+
+    root = _folder(tmp_path / "images")
+    calls = []
+    real = data.pipeline._decodable
+    monkeypatch.setattr(
+        data.pipeline, "_decodable", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k)
+    )
+    with shared.using(shared.SharedWork(str(tmp_path / "cache"))):
+        kept, bad = verify_images(image_folder(str(root)))
+        assert (len(kept), bad, len(calls)) == (12, [], 1)
+        kept, bad = verify_images(image_folder(str(root)))  # a restart: read back
+        assert (len(kept), bad, len(calls)) == (12, [], 1)
+        (root / "1" / "2.png").write_bytes(b"no longer a png")  # size and mtime change
+        with pytest.raises(InputError, match=r"1 image\(s\) .*1/2.png"):
+            verify_images(image_folder(str(root)))
+        assert len(calls) == 2
+
+
+def test_substitutes_stay_within_the_class_and_cycle():
+    labels = np.array([3, 1, 3, 3, 1, 9])
+    np.testing.assert_array_equal(substitutes(labels), [2, 4, 3, 0, 1, 5])
+
+
+def test_an_image_unreadable_after_the_check_is_replaced_within_its_class_and_flagged(tmp_path):
+    root = _folder(tmp_path / "images", classes=2, per_class=3)
+    source, _ = verify_images(image_folder(str(root)))
+    (root / "1" / "0.png").write_bytes(b"broken later")  # index 3: its substitute is 4
+    prep = ImagePreprocessing(size=8, augment=False)
+    images, labels, ok = next(iter(eval_batches(source, [(0, 6)], prep)))
+    np.testing.assert_array_equal(ok, [True, True, True, False, True, True])
+    np.testing.assert_array_equal(labels, source.labels)
+    np.testing.assert_array_equal(images[3], images[4])
+    sampler = PKSampler(source.labels, 2, 3, seed=0)
+    for images, _, ok in train_batches(source, sampler, (0, 6), 0, 3, prep):
+        assert images.shape == (6, 8, 8, 3)  # no row dropped
+        assert (~ok.numpy()).sum() == 1
+
+
+# --- the job over image data: once per data set, unreadable later, every backend ---------
+
+SMALL_IMAGE_JOB = (
+    "train.model=@backbone_embedding",
+    "backbone_embedding.backbone='MobileNetV3Small'",
+    "backbone_embedding.image_size=32",
+    "backbone_embedding.embedding_dim=8",
+    "backbone_embedding.weights=None",
+    "train.synchronized_batchnorm=True",  # MobileNetV3 has BatchNorm
+    "images.size=32",
+    "train.global_batch_size=12",
+    "train.examples_per_class=3",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.export_model=False",
+)
+
+
+def folder_job(root):
+    return SMALL_IMAGE_JOB + (
+        "train.train_data=@train_split/image_folder",
+        "train.eval_data=@eval_split/image_folder",
+        f"train_split/image_folder.root='{root}'",
+        f"eval_split/image_folder.root='{root}'",
+    )
+
+
+def test_an_image_unreadable_at_run_time_stops_the_job_by_name_or_is_counted(tmp_path):
+    from tests.jobs import run_job
+
+    root = _folder(tmp_path / "images", classes=4, per_class=3)  # every batch holds all 12
+    params = folder_job(root) + ("distribute.strategy='single'",)
+    first = run_job(tmp_path / "stop", params + ("train.steps=2",), timeout=600)
+    assert "checking the 12 images" in first.stdout
+    broken = root / "2" / "1.png"
+    stat = broken.stat()
+    broken.write_bytes(b"x" * stat.st_size)  # same size, same time: the cached verdict holds
+    os.utime(broken, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    stopped = run_job(tmp_path / "stop", params + ("train.steps=4",), check=False, timeout=600)
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "checking the" not in stopped.stdout  # read back from the cache
+    assert f"cannot be read at step 3, although they passed the start-up check: {broken}" in (
+        stopped.stderr
+    )
+    assert "Traceback" not in stopped.stderr
+    skipping = params + ("train.steps=4", "verify_images.on_corrupt='skip'")
+    done = run_job(tmp_path / "stop", skipping, timeout=600)
+    assert f"step 3: unreadable image(s) {broken} replaced by others of their class" in (
+        done.stdout
+    )
+    assert f"eval at step 4: unreadable image(s) {broken} replaced" in done.stdout
+
+
+def _tfrecords(root, classes=4, per_class=6):
+    (root).mkdir()
+    for f in range(2):
+        with tf.io.TFRecordWriter(str(root / f"part-{f}.tfrecord")) as writer:
+            for c in range(classes):
+                for i in range(per_class // 2):
+                    writer.write(_example(_png(c * 100 + f * 10 + i), c))
+    return str(root / "*.tfrecord")
+
+
+def test_a_tfrecord_job_gives_the_same_losses_on_one_process_and_two_horovod_workers(tmp_path):
+    from tests.jobs import HOROVOD_2, run_job, series
+
+    pattern = _tfrecords(tmp_path / "records")
+    params = SMALL_IMAGE_JOB + (
+        "train.steps=3",
+        "train.train_data=@train_split/tfrecord",
+        "train.eval_data=@eval_split/tfrecord",
+        f"train_split/tfrecord.pattern='{pattern}'",
+        f"eval_split/tfrecord.pattern='{pattern}'",
+    )
+    single = run_job(tmp_path / "single", params + ("distribute.strategy='single'",), timeout=600)
+    assert "checking the 24 images" in single.stdout
+    # A fresh cache: the two workers index a file each and check half the images each.
+    horovod = params + ("distribute.strategy='horovod'", f"data_cache.directory='{tmp_path}/c'")
+    two = run_job(tmp_path / "horovod", horovod, HOROVOD_2, timeout=600)
+    assert "checking the 24 images of tfrecord" in two.stdout and "this worker: 12" in two.stdout
+    np.testing.assert_allclose(
+        series(tmp_path / "horovod", "train/loss"),
+        series(tmp_path / "single", "train/loss"),
+        rtol=1e-4,
+    )
+    assert len(os.listdir(tmp_path / "c")) == 2  # the index and the check's verdict

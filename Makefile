@@ -21,6 +21,7 @@ bench: install
 	$(PYTHON) -m bench.losses
 	$(PYTHON) -m bench.cross_replica
 	$(PYTHON) -m bench.elastic
+	$(PYTHON) -m bench.scale
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

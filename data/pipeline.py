@@ -146,50 +146,48 @@ def substitutes(labels) -> np.ndarray:
     return result
 
 
-def _guarded(prepare, substitute_of):
-    """(index, *args) -> a dataset of one (image, ok): `prepare(index, *args)` with ok
-    True, else that of the index's substitute with ok False, else zeros with ok False.
-
-    tf.data's `ignore_errors` drops an element whose decoding fails; trying the
-    candidates in turn and keeping the first that survives is a try/except in the graph.
-    """
-
-    def one(index, *args):
-        candidates = tf.stack([index, tf.gather(substitute_of, index)])
-        tries = (
-            tf.data.Dataset.from_tensor_slices(candidates)
-            .enumerate()
-            .map(lambda n, i: (prepare(i, *args), n == 0))
-            .ignore_errors()
-        )
-        spec = tries.element_spec[0]
-        zeros = tf.data.Dataset.from_tensors((tf.zeros(spec.shape, spec.dtype), False))
-        return tries.concatenate(zeros).take(1)
-
-    return one
-
-
-def _prepared(source: Source, dataset: tf.data.Dataset, prepare) -> tf.data.Dataset:
-    """(index, *args) elements -> (image, label, ok), in order, decoded in parallel.
-
-    Pixels cannot fail to decode; files and records go through `_guarded`.
-    """
-    labels = tf.constant(source.labels)
-    if source.kind == "pixels":
-        return dataset.map(
-            lambda i, *args: (prepare(i, *args), tf.gather(labels, i), True),
-            num_parallel_calls=AUTOTUNE,
-        )
-    one = _guarded(prepare, tf.constant(substitutes(source.labels)))
-    # Each inner dataset has exactly one element, so a deterministic interleave keeps
-    # the input order while decoding many at once.
-    return dataset.interleave(
-        lambda i, *args: one(i, *args).map(lambda image, ok: (image, tf.gather(labels, i), ok)),
-        cycle_length=16,
-        block_length=1,
-        num_parallel_calls=AUTOTUNE,
-        deterministic=True,
+def _decoded(source: Source, rows: tf.data.Dataset, size, prepare) -> tf.data.Dataset:
+    """The `size` (index, *args) rows of one batch -> one batch (positions, images),
+    decoded in parallel, in order; a row whose image fails to decode is left out (files
+    and records; pixels cannot fail). `_every_row` puts the batch back together."""
+    prepared = tf.data.Dataset.zip(tf.data.Dataset.range(size), rows).map(
+        lambda position, row: (position, prepare(*row)), num_parallel_calls=AUTOTUNE
     )
+    if source.kind != "pixels":
+        prepared = prepared.ignore_errors()
+    return prepared.batch(size)
+
+
+def _every_row(batches, expected, source: Source, prepare):
+    """Yields (images, labels, ok) with every expected row of each batch.
+
+    `batches` gives (positions, images) with failed rows left out; `expected` gives, per
+    batch, the (indices, *args) of every row. A missing row (its image became unreadable
+    after the start-up check) is filled here, eagerly, with its substitute
+    (`substitutes`), or zeros if that fails too, and marked False in `ok`: no replica is
+    ever a row short. The normal path costs nothing but the check.
+    """
+    substitute_of = None
+    for (positions, images), (indices, *args) in zip(batches, expected, strict=True):
+        labels = tf.constant(source.labels[indices])
+        ok = np.zeros(len(indices), bool)
+        ok[positions.numpy()] = True
+        if ok.all():
+            yield images, labels, ok
+            continue
+        if substitute_of is None:
+            substitute_of = substitutes(source.labels)
+        full = np.zeros((len(indices), *images.shape[1:]), images.dtype.as_numpy_dtype)
+        full[ok] = images.numpy()
+        for row in np.flatnonzero(~ok):
+            try:
+                full[row] = prepare(
+                    tf.constant(substitute_of[indices[row]], tf.int64),
+                    *(tf.constant(a[row], tf.int64) for a in args),
+                )
+            except (tf.errors.OpError, ValueError):
+                pass  # its substitute cannot be read either: zeros
+        yield tf.constant(full), labels, ok
 
 
 def train_batches(
@@ -199,7 +197,7 @@ def train_batches(
     first_step: int,
     last_step: int,
     preprocessing=None,
-) -> tf.data.Dataset:
+):
     """(images, labels, ok) of rows [start, end) of global batches first_step..last_step-1.
 
     `ok` is False for a row whose image could not be read and was substituted.
@@ -209,19 +207,29 @@ def train_batches(
     load = _load(source)
     seed = tf.constant(sampler.seed, tf.int64)
 
-    def examples(step):
-        picked = tf.numpy_function(
-            lambda s: sampler.global_batch(int(s))[start:end], [step], tf.int64, stateful=False
+    def rows_of(step):
+        return sampler.global_batch(step)[start:end], np.arange(start, end) + (
+            step * sampler.global_batch_size
         )
-        picked = tf.reshape(picked, [end - start])
-        rows_in_global = tf.range(start, end, dtype=tf.int64) + step * sampler.global_batch_size
-        return tf.data.Dataset.from_tensor_slices((picked, rows_in_global))
+
+    def step_batch(step):
+        picked, global_rows = tf.numpy_function(
+            lambda s: rows_of(int(s)), [step], (tf.int64, tf.int64), stateful=False
+        )
+        picked, global_rows = tf.reshape(picked, [end - start]), tf.reshape(global_rows, [-1])
+        rows = tf.data.Dataset.from_tensor_slices((picked, global_rows))
+        return _decoded(source, rows, end - start, prepare)
 
     def prepare(index, global_row):
         return preprocessing.train(load(index), tf.stack([seed, global_row]))
 
-    indices = tf.data.Dataset.range(first_step, last_step).flat_map(examples)
-    return _prepared(source, indices, prepare).batch(end - start).prefetch(AUTOTUNE)
+    batches = (
+        tf.data.Dataset.range(first_step, last_step)
+        .interleave(step_batch, cycle_length=2, num_parallel_calls=2, deterministic=True)
+        .prefetch(AUTOTUNE)
+    )
+    expected = (rows_of(step) for step in range(first_step, last_step))
+    return _every_row(batches, expected, source, prepare)
 
 
 def eval_batches(source: Source, rows: list[tuple[int, int]], preprocessing=None):
@@ -229,13 +237,20 @@ def eval_batches(source: Source, rows: list[tuple[int, int]], preprocessing=None
     preprocessing = preprocessing or preprocessing_for(source)
     load = _load(source)
 
-    def chunk(bounds):
-        indices = tf.data.Dataset.range(bounds[0], bounds[1])
-        examples = _prepared(source, indices, lambda i: preprocessing.eval(load(i)))
-        return examples.batch(bounds[1] - bounds[0])
+    def prepare(index):
+        return preprocessing.eval(load(index))
 
-    bounds = tf.constant(rows, tf.int64)
-    return tf.data.Dataset.from_tensor_slices(bounds).flat_map(chunk).prefetch(AUTOTUNE)
+    def chunk(bounds):
+        indices = tf.data.Dataset.range(bounds[0], bounds[1]).map(lambda i: (i,))
+        return _decoded(source, indices, bounds[1] - bounds[0], prepare)
+
+    batches = (
+        tf.data.Dataset.from_tensor_slices(tf.constant(rows, tf.int64))
+        .interleave(chunk, cycle_length=2, num_parallel_calls=2, deterministic=True)
+        .prefetch(AUTOTUNE)
+    )
+    expected = ((np.arange(first, last),) for first, last in rows)
+    return _every_row(batches, expected, source, prepare)
 
 
 def unreadable(source: Source, indices) -> list[str]:

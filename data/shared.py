@@ -68,13 +68,14 @@ def using(work: SharedWork):
 
 
 @gin.configurable("data_cache")
-def cache_directory(workdir: str, directory: str | None = "") -> str | None:
-    """Where a job caches data checks and indexes: `data_cache.directory`, by default
-    `data_cache` beside the workdir (shared by every run under the same folder, and on
-    the same file system as the workdir); None turns the cache off."""
-    if directory == "":
-        return os.path.join(os.path.dirname(os.path.abspath(workdir)), "data_cache")
-    return directory
+def cache_directory(workdir: str, directory: str | None = None, enabled: bool = True):
+    """Where a job caches its data checks and indexes: `data_cache.directory`, by
+    default `data_cache` beside the workdir (shared by the runs under the same folder,
+    on the same file system as the workdir); `enabled=False`: no cache (every start
+    checks again)."""
+    if not enabled:
+        return None
+    return directory or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data_cache")
 
 
 def fingerprint(paths, *extra) -> str:

@@ -219,7 +219,7 @@ def test_an_image_unreadable_after_the_check_is_replaced_within_its_class_and_fl
     sampler = PKSampler(source.labels, 2, 3, seed=0)
     for images, _, ok in train_batches(source, sampler, (0, 6), 0, 3, prep):
         assert images.shape == (6, 8, 8, 3)  # no row dropped
-        assert (~ok.numpy()).sum() == 1
+        assert (~ok).sum() == 1
 
 
 # --- the job over image data: once per data set, unreadable later, every backend ---------
@@ -308,3 +308,17 @@ def test_a_tfrecord_job_gives_the_same_losses_on_one_process_and_two_horovod_wor
         rtol=1e-4,
     )
     assert len(os.listdir(tmp_path / "c")) == 2  # the index and the check's verdict
+
+
+def test_the_projector_export_keeps_an_even_sample_of_a_large_eval_set(tmp_path):
+    from data.sources import Source
+    from trainer.export import projector
+
+    labels = np.arange(25, dtype=np.int32) % 5
+    source = Source("s", np.zeros(25), labels, "pixels", tuple("abcde"))
+    embeddings = np.arange(50, dtype=np.float32).reshape(25, 2)
+    folder = projector(str(tmp_path), embeddings, source, max_points=10)
+    written = np.loadtxt(os.path.join(folder, "embeddings.tsv"), delimiter="\t")
+    assert written.shape == (10, 2) and written[0, 0] == 0 and written[-1, 0] == 48
+    metadata = open(os.path.join(folder, "metadata.tsv")).read().splitlines()[1:]
+    assert metadata == [f"{int(x) // 2 % 5}\t{'abcde'[int(x) // 2 % 5]}" for x in written[:, 0]]

@@ -23,15 +23,22 @@ def saved_model(model, path: str) -> str:
     return path
 
 
-def projector(logdir: str, embeddings: np.ndarray, source) -> str:
+def projector(logdir: str, embeddings: np.ndarray, source, max_points: int = 100_000) -> str:
     """Writes embeddings.tsv and metadata.tsv (label, class name) under `logdir`/projector
-    and the projector config TensorBoard reads from `logdir`."""
+    and the projector config TensorBoard reads from `logdir`.
+
+    At most `max_points` rows, evenly strided (the projector samples 100k points
+    anyway, and a browser cannot load the TSV of a million).
+    """
     folder = os.path.join(logdir, "projector")
     os.makedirs(folder, exist_ok=True)
-    np.savetxt(os.path.join(folder, "embeddings.tsv"), embeddings, delimiter="\t", fmt="%.6g")
+    rows = np.linspace(0, len(embeddings) - 1, min(len(embeddings), max_points)).astype(int)
+    np.savetxt(
+        os.path.join(folder, "embeddings.tsv"), embeddings[rows], delimiter="\t", fmt="%.6g"
+    )
     with open(os.path.join(folder, "metadata.tsv"), "w") as f:
         f.write("label\tclass\n")
-        for label in source.labels:
+        for label in source.labels[rows]:
             f.write(f"{label}\t{source.class_names[label]}\n")
     config = tb_projector.ProjectorConfig()
     embedding = config.embeddings.add()

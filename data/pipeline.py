@@ -134,7 +134,7 @@ def substitutes(labels) -> np.ndarray:
 
     A row whose image cannot be read at run time (a file changed after the start-up
     check) is filled with its substitute, so every replica keeps its number of rows and
-    the P×K layout holds; the row is reported (see `_guarded`).
+    the P×K layout holds; the row is reported (see `_every_row`).
     """
     labels = np.asarray(labels)
     order = np.argsort(labels, kind="stable")
@@ -294,7 +294,7 @@ def verify_images(source: Source, on_corrupt: str = "stop", log=None) -> tuple[S
     bad = [source.describe(i) for i in np.flatnonzero(~good)]
     if bad and on_corrupt == "stop":
         raise InputError(
-            f"{len(bad)} image(s) of {source.name} cannot be decoded: {_listed(bad)}. Fix or "
+            f"{len(bad)} image(s) of {source.name} cannot be decoded: {listed(bad)}. Fix or "
             "remove them, or set verify_images.on_corrupt='skip' to leave them out."
         )
     return dataclasses.replace(source, items=source.items[good], labels=source.labels[good]), bad
@@ -342,6 +342,7 @@ def _decodable(source: Source, start: int, end: int, log, every_seconds: float =
     return good
 
 
-def _listed(names: list[str], shown: int = 5) -> str:
+def listed(names: list[str], shown: int = 5) -> str:
+    """The first `shown` names, and how many more, for messages."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more

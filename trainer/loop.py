@@ -19,7 +19,7 @@ import numpy as np
 
 from data import shared
 from data.errors import InputError
-from data.pipeline import corrupt_policy, train_batches, unreadable, verify_images
+from data.pipeline import corrupt_policy, listed, train_batches, unreadable, verify_images
 from data.sampler import PKSampler
 from data.sources import digits
 from losses import TripletSemiHardLoss
@@ -417,17 +417,17 @@ def _unreadable_in_step(job: _Job, step: int) -> None:
     changed on a shared disk). Their rows were filled with another example of the same
     class on every replica; 'stop' ends the job before this step is checkpointed."""
     names = unreadable(job.train_source, job.sampler.global_batch(step - 1))
-    listed = ", ".join(names) or "(readable again when checked)"
+    named = listed(names) or "(readable again when checked)"
     if job.on_corrupt == "stop":
         raise InputError(
             f"{len(names)} image(s) of {job.train_source.name} cannot be read at step {step}, "
-            f"although they passed the start-up check: {listed}. Nothing of this step was "
+            f"although they passed the start-up check: {named}. Nothing of this step was "
             f"saved; last checkpoint: {job.checkpoints.latest or 'none'}. Fix them and run "
             "the same command, or set verify_images.on_corrupt='skip'."
         )
     job.unreadable_images += len(names)
     job.summaries.scalars(step, {"data/unreadable_images": job.unreadable_images})
-    job.say(f"step {step}: unreadable image(s) {listed} replaced by others of their class")
+    job.say(f"step {step}: unreadable image(s) {named} replaced by others of their class")
 
 
 def _check_finite(job: _Job, metrics: dict, step: int) -> int:
@@ -507,15 +507,15 @@ class Evaluator:
         return metrics, embeddings
 
     def _unreadable(self, step: int, names: list[str]) -> None:
-        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         if self.on_corrupt == "stop":
             raise InputError(
                 f"{len(names)} evaluation image(s) of {self.source.name} cannot be read at step "
-                f"{step}, although they passed the start-up check: {listed}. Fix them and run "
-                "the same command, or set verify_images.on_corrupt='skip'."
+                f"{step}, although they passed the start-up check: {listed(names)}. Fix them "
+                "and run the same command, or set verify_images.on_corrupt='skip'."
             )
         self.say(
-            f"eval at step {step}: unreadable image(s) {listed} replaced by others of their class"
+            f"eval at step {step}: unreadable image(s) {listed(names)} replaced by others of "
+            "their class"
         )
 
 

@@ -28,6 +28,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def child(kind: str, *args) -> dict:
@@ -137,8 +138,8 @@ def write_tfrecords(folder: str, total_bytes: int, classes: int = 50, files: int
     return os.path.join(folder, "*.tfrecord")
 
 
-def write_folder(folder: str, images: int, per_class: int = 100) -> str:
-    """`images` tiny PNGs (16×16) in folders of `per_class`."""
+def write_folder(folder: str, images: int, per_class: int = 10) -> str:
+    """`images` tiny PNGs (16×16), `per_class` to a class folder."""
     png = noise_pngs(1, 16)[0]
     for c in range(images // per_class):
         os.makedirs(os.path.join(folder, f"{c:06d}"))
@@ -209,15 +210,17 @@ def time_to_first_step(args: list[str]) -> float:
     command = [sys.executable, "-m", "trainer.main", *args]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     began = time.perf_counter()
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    ) as job:
-        for line in job.stdout:
-            if line.startswith("step"):
-                seconds = time.perf_counter() - began
-                job.kill()
-                return seconds
-    raise RuntimeError(f"{' '.join(command)} printed no step")
+    with tempfile.TemporaryFile("w+") as errors:
+        with subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True
+        ) as job:
+            for line in job.stdout:
+                if line.startswith("step"):
+                    seconds = time.perf_counter() - began
+                    job.kill()
+                    return seconds
+        errors.seek(0)
+        raise RuntimeError(f"{' '.join(command)} printed no step:\n{errors.read()[-3000:]}")
 
 
 def bench_restart(scratch: str, rounds: int) -> None:
@@ -227,7 +230,7 @@ def bench_restart(scratch: str, rounds: int) -> None:
         began = time.perf_counter()
         folder = write_folder(os.path.join(scratch, f"folder-{images}"), images)
         made = time.perf_counter() - began
-        classes = images // 100
+        classes = images // 10
         params = (
             "train.steps=1000",
             "train.eval_every=1000",

@@ -35,6 +35,15 @@ class ImagePreprocessing:
     """
 
     def __init__(self, size=224, augment=True, crop_area=(0.35, 1.0), eval_crop=0.875):
+        if not (isinstance(size, int) and size >= 1):
+            raise InputError(f"images.size must be a whole number >= 1, got {size!r}.")
+        if not (len(crop_area) == 2 and 0 < crop_area[0] <= crop_area[1] <= 1):
+            raise InputError(
+                "images.crop_area must be (low, high) with 0 < low <= high <= 1, "
+                f"got {crop_area!r}."
+            )
+        if not 0 < eval_crop <= 1:
+            raise InputError(f"images.eval_crop must be in (0, 1], got {eval_crop!r}.")
         self.size, self.augment = size, augment
         self.crop_area, self.eval_crop = tuple(crop_area), eval_crop
 

@@ -30,6 +30,8 @@ class _BatchTripletLoss(keras.losses.Loss):
         if distance_metric is not None:
             distance = distance_metric
         self.margin = float(margin)
+        if self.margin < 0:
+            raise ValueError(f"{type(self).__name__}: margin must be >= 0, got {margin}.")
         self.distance = canonical_distance(distance)
         super().__init__(name=name, **kwargs)
 
@@ -103,6 +105,8 @@ class TripletLoss(keras.losses.Loss):
         self, margin=1.0, distance="euclidean", negative_mining="semihard", name=None, **kwargs
     ):
         self.margin = float(margin)
+        if self.margin < 0:
+            raise ValueError(f"{type(self).__name__}: margin must be >= 0, got {margin}.")
         self.distance = canonical_distance(distance)
         self.negative_mining = triplet.check_choice(
             "negative_mining", negative_mining, triplet.NEGATIVE_MINING

@@ -174,6 +174,21 @@ def test_restart_with_the_same_workdir_resumes_where_it_stopped(tmp_path):
             (),
             "not divisible",
         ),
+        (("train.examples_per_class=0",), (), "train.examples_per_class must be >= 1, got 0"),
+        (("train.loss=@TripletLoss()",), (), "TripletLoss cannot be mined over a batch"),
+        (("train.steps='abc'",), (), "train.steps must be int, got 'abc' (str)"),
+        (("train.cross_replica_mining=1",), (), "train.cross_replica_mining must be bool"),
+        (("TripletSemiHardLoss.margin=-1",), (), "margin must be >= 0, got -1"),
+        (("TripletSemiHardLoss.distance='manhattan'",), (), "Unknown distance 'manhattan'"),
+        (("train.learning_rate=0",), (), "train.learning_rate must be > 0, got 0"),
+        (("train.keep_checkpoints=0",), (), "train.keep_checkpoints must be >= 1"),
+        (("learning_rate_schedule.warmup_steps=-1",), (), "warmup_steps must be >= 0"),
+        (("images.size=32",), (), "'images.size=32' is never read: nothing in this job calls"),
+        (
+            ("train_split/image_folder.root='/data/x'",),
+            (),
+            "is never read: nothing in this job calls 'train_split/image_folder'",
+        ),
     ],
 )
 def test_user_mistakes_exit_2_with_one_clear_line(tmp_path, params, flags, message):
@@ -181,6 +196,30 @@ def test_user_mistakes_exit_2_with_one_clear_line(tmp_path, params, flags, messa
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+    assert done.stderr.count("error: ") == 1, done.stderr  # one message
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_the_default_job_is_its_gin_config_and_every_binding_applies(tmp_path):
+    """No --gin_file: gin/digits.gin, parsed like any config, so a binding of the loss
+    changes the training and the operative config says what ran."""
+    params = ("distribute.strategy='single'", "train.steps=1", "train.export_model=False")
+    run_job(tmp_path / "default", params + ("train.log_every=1",))
+    run_job(tmp_path / "margin", params + ("train.log_every=1", "TripletSemiHardLoss.margin=0.5"))
+    default, wider = (
+        scalars(tmp_path / "default", "train/loss"),
+        scalars(tmp_path / "margin", "train/loss"),
+    )
+    assert wider[1] > default[1] + 0.1  # a 0.3 wider margin raises every active term
+    operative = (tmp_path / "margin" / "operative_config.gin").read_text()
+    for line in (
+        "TripletSemiHardLoss.margin = 0.5",
+        "train.loss = @TripletSemiHardLoss()",
+        "train.train_data = @train_split/digits",
+        "train.model = @digits_convnet",
+        "train_split/digits.classes = (0, 6)",
+    ):
+        assert line in operative, line
 
 
 def test_default_job_beats_raw_pixels_on_held_out_digits(tmp_path):
@@ -248,9 +287,16 @@ def test_resuming_with_an_incompatible_config_names_the_checkpoint(tmp_path):
     assert (tmp_path / "operative_config.gin").read_text() == written  # left as it was
 
 
-def test_a_mistake_under_horovodrun_is_one_message_and_status_2(tmp_path):
-    done = run_job(tmp_path / "w", ("train.stepz=5",), HOROVOD_2, check=False, timeout=120)
+@pytest.mark.parametrize(
+    "param, message",
+    [
+        ("train.stepz=5", "doesn't have a parameter named 'stepz'"),
+        ("images.size=32", "'images.size=32' is never read"),
+    ],
+)
+def test_a_mistake_under_horovodrun_is_one_message_and_status_2(tmp_path, param, message):
+    done = run_job(tmp_path / "w", (param,), HOROVOD_2, check=False, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.count("doesn't have a parameter named 'stepz'") == 1  # chief only
+    assert done.stderr.count(message) == 1  # chief only
     assert re.search(r"horovodrun: worker \d exited with status 2", done.stderr)
     assert "Traceback" not in done.stderr

@@ -154,7 +154,7 @@ def embedding_function(model, replicas):
     return embed_and_gather
 
 
-def embed_source(embed_and_gather, replicas, source, chunk_size: int = 512):
+def embed_source(embed_and_gather, replicas, source, chunk_size: int = 512, preprocessing=None):
     """(embeddings, unreadable rows) of a whole evaluation source, in order, on every process.
 
     Each replica embeds its slice of each chunk and the slices are all-gathered
@@ -165,7 +165,7 @@ def embed_source(embed_and_gather, replicas, source, chunk_size: int = 512):
     chunks = eval_chunks(len(source), chunk_size, replicas.size)
     my_rows = [_process_rows_of_chunk(replicas, start, end) for start, end in chunks]
     embeddings, read = None, np.ones(len(source), bool)
-    batches = eval_batches(source, my_rows)
+    batches = eval_batches(source, my_rows, preprocessing)
     for (start, end), (images, _, ok) in zip(chunks, batches, strict=True):
         distributed = replicas.distribute(images, ok, global_size=end - start)
         layout = {"replica_rows": replicas.replica_rows(end - start)}

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import os
 import time
+import types
+import typing
 
 import gin
 import keras
@@ -19,7 +21,14 @@ import numpy as np
 
 from data import shared
 from data.errors import InputError
-from data.pipeline import corrupt_policy, listed, train_batches, unreadable, verify_images
+from data.pipeline import (
+    corrupt_policy,
+    listed,
+    preprocessing_for,
+    train_batches,
+    unreadable,
+    verify_images,
+)
 from data.sampler import PKSampler
 from data.sources import digits
 from losses import TripletSemiHardLoss
@@ -44,6 +53,8 @@ def learning_rate_schedule(
     base_rate: float, steps: int, warmup_steps: int = 20, decay: str = "cosine"
 ):
     """Linear warm-up from 0 to `base_rate`, then cosine decay to 0 at `steps` (or constant)."""
+    if warmup_steps < 0:
+        raise InputError(f"learning_rate_schedule.warmup_steps must be >= 0, got {warmup_steps}.")
     if decay not in ("cosine", "constant"):
         raise InputError(
             f"Unknown learning_rate_schedule.decay {decay!r}; use 'cosine' or 'constant'."
@@ -63,7 +74,30 @@ def _check(condition: bool, message: str) -> None:
         raise InputError(message)
 
 
-@gin.configurable("train", denylist=["workdir", "replicas"])
+MINED_LOSSES = ("TripletSemiHardLoss", "TripletHardLoss", "TripletBatchAllLoss")
+
+
+def _check_types(function, values: dict) -> None:
+    """Each annotated parameter of the gin-configured `function` has a value of its type
+    (a binding like train.steps='abc' is named here, not deep in a traceback)."""
+    hints = typing.get_type_hints(function.__wrapped__)
+    for name, hint in hints.items():
+        if name == "return" or name not in values:
+            continue
+        value = values[name]
+        allowed = typing.get_args(hint) if typing.get_origin(hint) is types.UnionType else (hint,)
+        if float in allowed:
+            allowed = (*allowed, int)  # 1 is a fine learning rate
+        matches = any(
+            value is None if kind is type(None) else isinstance(value, kind) for kind in allowed
+        )
+        if matches and isinstance(value, bool) and bool not in allowed:
+            matches = False  # True is an int to Python, not a step count
+        names = " or ".join("None" if k is type(None) else k.__name__ for k in allowed)
+        _check(matches, f"train.{name} must be {names}, got {value!r} ({type(value).__name__}).")
+
+
+@gin.configurable("train", denylist=["workdir", "replicas", "assembled"])
 def train(
     workdir: str,
     replicas,
@@ -93,6 +127,7 @@ def train(
     stop_after_steps: int | None = None,
     nonfinite: str = "stop",
     elastic_commit_every: int = 10,
+    assembled=None,
 ) -> dict:
     """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
 
@@ -102,8 +137,11 @@ def train(
     'stop' ends the run at a non-finite loss or gradient (naming the step and the last
     good checkpoint), 'skip' leaves such steps out and counts them. An elastic Horovod
     job keeps its state in memory every `elastic_commit_every` steps (see
-    trainer/elastic.py); after a worker dies it goes on from there.
+    trainer/elastic.py); after a worker dies it goes on from there. `assembled()` is
+    called once every configurable of the job has been built, before anything is written
+    (the entry point refuses --gin_param bindings that nothing read).
     """
+    _check_types(train, locals())
     started = time.time()
     chief = replicas.is_chief
 
@@ -111,14 +149,23 @@ def train(
         if replicas.is_chief:
             print(*args, **kwargs)
 
-    _check(steps >= 1, f"train.steps must be >= 1, got {steps}.")
     for name, value in (
+        ("steps", steps),
+        ("global_batch_size", global_batch_size),
+        ("examples_per_class", examples_per_class),
         ("log_every", log_every),
         ("checkpoint_every", checkpoint_every),
         ("eval_every", eval_every),
         ("elastic_commit_every", elastic_commit_every),
+        ("recall_k", recall_k),
+        ("eval_chunk_size", eval_chunk_size),
+        ("keep_checkpoints", keep_checkpoints),
+        ("stop_after_steps", 1 if stop_after_steps is None else stop_after_steps),
     ):
         _check(value >= 1, f"train.{name} must be >= 1, got {value}.")
+    _check(learning_rate > 0, f"train.learning_rate must be > 0, got {learning_rate}.")
+    _check(weight_decay >= 0, f"train.weight_decay must be >= 0, got {weight_decay}.")
+    _check(progress_seconds >= 0, f"train.progress_seconds must be >= 0, got {progress_seconds}.")
     if not replicas.elastic:  # an elastic job takes the worker counts it gets (see below)
         _check_divides(global_batch_size, replicas.size)
     _check(
@@ -141,6 +188,13 @@ def train(
     )
     _check(precision in PRECISIONS, f"Unknown train.precision {precision!r}; valid: {PRECISIONS}.")
     loss = loss if loss is not None else TripletSemiHardLoss(margin=0.2, distance="cosine")
+    _check(
+        callable(getattr(loss, "terms", None)),
+        f"train.loss = {type(loss).__name__} cannot be mined over a batch (it takes explicit "
+        "triplets); the trainer takes a loss with a query/key form: "
+        + ", ".join(MINED_LOSSES)
+        + ".",
+    )
 
     on_corrupt = corrupt_policy()
     with shared.using(_shared_work(workdir, replicas)):  # indexing and checks, split and cached
@@ -166,8 +220,8 @@ def train(
             "and are never sampled"
         )
 
-    if chief:
-        os.makedirs(workdir, exist_ok=True)  # only once the configuration has checked out
+    train_preprocessing = preprocessing_for(train_source)  # images.* or pixels.*
+    eval_preprocessing = preprocessing_for(eval_source)
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(seed)
     base_rate = learning_rate * (replicas.size if scale_learning_rate else 1)
@@ -189,6 +243,10 @@ def train(
                 opt, initial_scale=1.0, dynamic_growth_steps=2**31 - 1
             )
     step_fn = TrainStep(embedding_model, opt, loss, replicas, cross_replica_mining)
+    if assembled is not None:
+        assembled()  # every configurable has been built: nothing more will read a binding
+    if chief:
+        os.makedirs(workdir, exist_ok=True)  # only once the configuration has checked out
     checkpoints = Checkpoints(
         os.path.join(workdir, "checkpoints"),
         replicas,
@@ -212,6 +270,7 @@ def train(
         summaries,
         say,
         on_corrupt,
+        eval_preprocessing,
     )
     if chief:
         operative = gin.operative_config_str()
@@ -245,6 +304,7 @@ def train(
         skip_nonfinite=nonfinite == "skip",
         on_corrupt=on_corrupt,
         train_source=train_source,
+        train_preprocessing=train_preprocessing,
         eval_source=eval_source,
         sampler=sampler,
         model=embedding_model,
@@ -303,6 +363,7 @@ class _Job:
     skip_nonfinite: bool
     on_corrupt: str
     train_source: object
+    train_preprocessing: object
     eval_source: object
     sampler: PKSampler
     model: keras.Model
@@ -327,7 +388,9 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
     say, steps, first_step = job.say, job.steps, job.first_step
     last_step = steps if not job.stop_after_steps else min(steps, first_step + job.stop_after_steps)
     rows = job.replicas.process_rows(job.global_batch_size)
-    batches = train_batches(job.train_source, job.sampler, rows, start, last_step)
+    batches = train_batches(
+        job.train_source, job.sampler, rows, start, last_step, job.train_preprocessing
+    )
     last_print = window_start = time.time()
     window_steps, results, skipped = 0, {}, 0
     for step, (images, labels, ok) in zip(range(start + 1, last_step + 1), batches, strict=True):
@@ -480,13 +543,23 @@ class Evaluator:
     """Embeds the eval set on all replicas, computes retrieval metrics, logs them."""
 
     def __init__(
-        self, model, replicas, source, distance, recall_k, chunk_size, summaries, say, on_corrupt
+        self,
+        model,
+        replicas,
+        source,
+        distance,
+        recall_k,
+        chunk_size,
+        summaries,
+        say,
+        on_corrupt,
+        preprocessing,
     ):
         self.model, self.replicas, self.source, self.distance = model, replicas, source, distance
         self.retrace()
         self.ks = sorted({1, recall_k})
         self.chunk_size, self.summaries, self.say = chunk_size, summaries, say
-        self.on_corrupt = on_corrupt
+        self.on_corrupt, self.preprocessing = on_corrupt, preprocessing
 
     def retrace(self) -> None:
         """A fresh compiled embedding step (see `TrainStep.retrace`)."""
@@ -494,7 +567,7 @@ class Evaluator:
 
     def __call__(self, step: int):
         embeddings, unreadable_rows = embed_source(
-            self.embed, self.replicas, self.source, self.chunk_size
+            self.embed, self.replicas, self.source, self.chunk_size, self.preprocessing
         )
         if len(unreadable_rows):
             self._unreadable(step, [self.source.describe(i) for i in unreadable_rows])

@@ -1,13 +1,15 @@
 """Entry point: `python -m trainer.main [--gin_file=F ...] [--gin_param=B ...] [--workdir=D]`.
 
-With no flags it runs the embedded default job (digits, gin/digits.gin's settings are
-the code defaults). A bare --gin_file name is looked up in gin/. Under horovodrun every
-worker runs this same command; `distribute.strategy='auto'` notices.
+With no --gin_file it runs gin/digits.gin, the embedded default job (digits), parsed like
+any other config. A bare --gin_file name is looked up in gin/. A --gin_param that the
+assembled job never reads is refused (exit 2). Under horovodrun every worker runs this
+same command; `distribute.strategy='auto'` notices.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -22,6 +24,7 @@ from trainer.loop import NumericalError  # noqa: E402
 from trainer.replicas import make_replicas  # noqa: E402
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+DEFAULT_JOB = "digits"  # gin/digits.gin: the embedded default job
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file; a bare name is looked up in gin/.")
@@ -56,6 +59,35 @@ def parse_config(files, params) -> None:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines drown the progress
 
 
+def gin_files() -> list[str]:
+    """The --gin_file flags, or the default job's config."""
+    return FLAGS.gin_file or [DEFAULT_JOB]
+
+
+def check_params_used(params) -> None:
+    """Refuses a --gin_param binding that no configurable of the assembled job read.
+
+    gin records the parameters of every configurable the job called (its operative
+    config); a binding outside it would silently change nothing. Bindings from config
+    files are not held to this (base.gin binds what a given job may not use).
+    """
+    used = gin.config._OPERATIVE_CONFIG  # {(scope, configurable): {parameter: value}}
+    for param in params:
+        key = param.split("=", 1)[0].strip()
+        if "." not in key or key.startswith(("%", "import", "include")):
+            continue  # a macro, an import or an include: not a configurable's parameter
+        try:
+            parsed = gin.config.ParsedBindingKey.parse(key)
+        except ValueError:
+            continue  # gin refused it already when parsing, or it names no configurable
+        if parsed.arg_name not in used.get(parsed.config_key, {}):
+            raise UsageError(
+                f"--gin_param {param!r} is never read: nothing in this job calls "
+                f"{key.rsplit('.', 1)[0]!r} (check the name and the scope, or the config that "
+                "the job runs)."
+            )
+
+
 def default_workdir(files) -> str:
     job = os.path.splitext(os.path.basename(files[-1]))[0] if files else "digits"
     run_id = os.environ.get("METRIC_TRAINER_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
@@ -65,28 +97,40 @@ def default_workdir(files) -> str:
 def agreed_default_workdir(replicas) -> str:
     """The default workdir, the same on every worker."""
     if not replicas.elastic:
-        return replicas.agree(default_workdir(FLAGS.gin_file))
+        return replicas.agree(default_workdir(gin_files()))
     # A worker that joins an elastic job later cannot take part in a collective now.
     if not os.environ.get("METRIC_TRAINER_RUN_ID"):
         raise UsageError(
             "An elastic Horovod job needs --workdir (or METRIC_TRAINER_RUN_ID, which "
             "launch/horovod.sh sets) so that workers joining later find the same one."
         )
-    return default_workdir(FLAGS.gin_file)
+    return default_workdir(gin_files())
 
 
 def run(argv) -> int:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}; use --gin_param for bindings.")
-    parse_config(FLAGS.gin_file, FLAGS.gin_param)
+    parse_config(gin_files(), FLAGS.gin_param)
     from trainer.loop import train
 
     replicas = make_replicas()
     workdir = os.path.abspath(FLAGS.workdir or agreed_default_workdir(replicas))
     if replicas.is_chief:
         print(f"workdir: {workdir}", flush=True)
-    train(workdir, replicas)
+    try:
+        train(workdir, replicas, assembled=lambda: check_params_used(FLAGS.gin_param))
+    except (ValueError, TypeError) as error:
+        if not built_from_config(error):
+            raise
+        raise UsageError(f"bad value in the gin config: {error}") from error
     return 0
+
+
+def built_from_config(error: Exception) -> bool:
+    """Whether `error` came from building a configured object (a loss, model or source),
+    which gin names in the message: a bad value in the config, not a bug."""
+    named = re.findall(r"In call to configurable '([^']+)'", str(error))
+    return any(name != "train" for name in named)
 
 
 def main(argv) -> None:

@@ -286,6 +286,8 @@ def _tfrecords(root, classes=4, per_class=6):
 
 
 def test_a_tfrecord_job_gives_the_same_losses_on_every_backend(tmp_path):
+    """One process reads every row (single, MirroredStrategy: the same data path); Horovod
+    workers read their halves by offset."""
     from tests.jobs import HOROVOD_2, run_job, series
 
     pattern = _tfrecords(tmp_path / "records")
@@ -308,13 +310,6 @@ def test_a_tfrecord_job_gives_the_same_losses_on_every_backend(tmp_path):
         rtol=1e-4,
     )
     assert len(os.listdir(tmp_path / "c")) == 2  # the index and the check's verdict
-    mirrored = params + ("distribute.strategy='mirrored'", "distribute.cpu_replicas=2")
-    run_job(tmp_path / "mirrored", mirrored, timeout=600)
-    np.testing.assert_allclose(
-        series(tmp_path / "mirrored", "train/loss"),
-        series(tmp_path / "single", "train/loss"),
-        rtol=1e-4,
-    )
 
 
 def test_the_projector_export_keeps_an_even_sample_of_a_large_eval_set(tmp_path):

@@ -89,7 +89,7 @@ def check_params_used(params) -> None:
 
 
 def default_workdir(files) -> str:
-    job = os.path.splitext(os.path.basename(files[-1]))[0] if files else "digits"
+    job = os.path.splitext(os.path.basename(files[-1]))[0]
     run_id = os.environ.get("METRIC_TRAINER_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", f"{job}-{run_id}")
 

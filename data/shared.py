@@ -22,6 +22,8 @@ from collections.abc import Callable
 import gin
 import numpy as np
 
+from data.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class SharedWork:
@@ -73,6 +75,10 @@ def cache_directory(workdir: str, directory: str | None = None, enabled: bool = 
     default `data_cache` beside the workdir (shared by the runs under the same folder,
     on the same file system as the workdir); `enabled=False`: no cache (every start
     checks again)."""
+    if not isinstance(enabled, bool):
+        raise InputError(f"data_cache.enabled must be True or False, got {enabled!r}.")
+    if directory is not None and not isinstance(directory, str):
+        raise InputError(f"data_cache.directory must be a folder path or None, got {directory!r}.")
     if not enabled:
         return None
     return directory or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data_cache")

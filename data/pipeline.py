@@ -298,7 +298,7 @@ def verify_images(source: Source, on_corrupt: str = "stop", log=None) -> tuple[S
         )
         return work.combine(len(source), start, _decodable(source, start, end, log))
 
-    good, _ = cached("image-check", _fingerprint(source), check)
+    good = cached("image-check", _fingerprint(source), check)
     good = good.astype(bool)
     bad = [source.describe(i) for i in np.flatnonzero(~good)]
     if bad and on_corrupt == "stop":

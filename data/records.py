@@ -28,7 +28,7 @@ HEADER = 12
 
 
 class RecordReader:
-    """Reads record `i` of the indexed files by offset; `image(i)` is its encoded image."""
+    """Reads record `i` of the indexed files by offset; `parse_image` takes out its image."""
 
     def __init__(self, files, counts, lengths, image_key: str):
         self.files = tuple(files)
@@ -77,21 +77,21 @@ class RecordReader:
             os.close(descriptor)
 
 
-def index_records(files, label_key: str, image_key: str) -> tuple[RecordReader, np.ndarray, bool]:
-    """(reader, labels, read_from_cache) of every record of `files`, in file order.
+def index_records(files, label_key: str, image_key: str) -> tuple[RecordReader, np.ndarray]:
+    """(reader, labels) of every record of `files`, in file order.
 
     Each process scans every Nth file; the shares are added up and cached (data/shared.py).
     """
     files = list(files)
     key = fingerprint(files, "tfrecord-index", label_key)
-    values, from_cache = cached("tfrecord-index", key, lambda: _index_shared(files, label_key))
+    values = cached("tfrecord-index", key, lambda: _index_shared(files, label_key))
     counts = values[: len(files)].astype(np.int64)
     total = int(counts.sum())
     lengths = values[len(files) : len(files) + total]
     labels = values[len(files) + total :].astype(np.int64)
     reader = RecordReader(files, counts, lengths, image_key)
     _check_image_key(reader, image_key)
-    return reader, labels, from_cache
+    return reader, labels
 
 
 def _index_shared(files, label_key) -> np.ndarray:

@@ -93,11 +93,11 @@ def fingerprint(paths, *extra) -> str:
     return digest.hexdigest()[:20]
 
 
-def cached(kind: str, key: str, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
+def cached(kind: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
     """`compute()`'s 1-D float64 array, read from the cache when any process has it there.
 
-    Returns (array, read_from_cache). `compute` must be called by every process (it
-    runs collectives), so the processes first agree whether anyone computes.
+    `compute` must be called by every process (it runs collectives), so the processes
+    first agree whether anyone computes.
     """
     work = current()
     path = os.path.join(work.cache_dir, f"{kind}-{key}.npy") if work.cache_dir else None
@@ -105,13 +105,13 @@ def cached(kind: str, key: str, compute: Callable[[], np.ndarray]) -> tuple[np.n
     chief_has = work.is_chief and mine is not None
     missing, chief_size = work.sum_over_processes([mine is None, len(mine) if chief_has else 0])
     if missing == 0:
-        return mine, True
+        return mine
     if chief_size > 0:  # the chief has it, others do not see its disk: take the chief's
-        return work.sum_over_processes(mine if work.is_chief else np.zeros(int(chief_size))), True
+        return work.sum_over_processes(mine if work.is_chief else np.zeros(int(chief_size)))
     values = np.asarray(compute(), np.float64)
     if work.is_chief and path:
         _write(path, values)
-    return values, False
+    return values
 
 
 def _read(path: str | None) -> np.ndarray | None:

@@ -126,7 +126,7 @@ def tfrecord(
     files = sorted(glob.glob(pattern))
     if not files:
         raise InputError(f"tfrecord.pattern {pattern!r} matches no file.")
-    reader, values, _ = index_records(files, label_key, image_key)
+    reader, values = index_records(files, label_key, image_key)
     if not len(values):
         raise InputError(f"tfrecord.pattern {pattern!r}: the files hold no records.")
     names = np.unique(values)

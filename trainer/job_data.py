@@ -1,0 +1,85 @@
+"""The job's data: the training and evaluation sources, checked once, and the P×K sampler.
+
+Indexing and the start-up image check are split over the job's processes and cached
+(data/shared.py), so a restart over millions of images costs seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from data import shared
+from data.pipeline import corrupt_policy, preprocessing_for, verify_images
+from data.sampler import PKSampler
+from data.sources import Source, digits
+
+
+@dataclasses.dataclass
+class JobData:
+    train_source: Source
+    eval_source: Source
+    sampler: PKSampler
+    train_preprocessing: object  # images.* or pixels.*, by the kind of source
+    eval_preprocessing: object
+    on_corrupt: str  # verify_images.on_corrupt: what an image unreadable later does
+    corrupt: int  # images left out at start-up because they could not be decoded
+
+
+def load_data(
+    workdir: str,
+    replicas,
+    train_data,
+    eval_data,
+    global_batch_size: int,
+    examples_per_class: int,
+    seed: int,
+    say,
+) -> JobData:
+    """Builds the configured sources (digits 0-5 / 6-9 when none is) and the sampler."""
+    on_corrupt = corrupt_policy()
+    with shared.using(_shared_work(workdir, replicas)):
+        train_source = (train_data or (lambda: digits(classes=(0, 6))))()
+        eval_source = (eval_data or (lambda: digits(classes=(6, 10))))()
+        train_source, corrupt = verify_images(train_source, log=say)
+        eval_source, corrupt_eval = verify_images(eval_source, log=say)
+    for name in (corrupt + corrupt_eval)[:5]:
+        say(f"  skipped corrupt image {name}")
+    if corrupt or corrupt_eval:
+        say(f"skipped {len(corrupt)} corrupt training and {len(corrupt_eval)} eval images")
+    sampler = PKSampler(
+        train_source.labels, global_batch_size // examples_per_class, examples_per_class, seed
+    )
+    say(
+        f"data: train {train_source.name}: {len(train_source)} examples, "
+        f"{train_source.num_classes} classes; eval {eval_source.name}: {len(eval_source)} "
+        f"examples, {eval_source.num_classes} classes"
+    )
+    if sampler.skipped_classes:
+        say(
+            f"  {sampler.skipped_classes} classes have fewer than {examples_per_class} examples "
+            "and are never sampled"
+        )
+    return JobData(
+        train_source=train_source,
+        eval_source=eval_source,
+        sampler=sampler,
+        train_preprocessing=preprocessing_for(train_source),
+        eval_preprocessing=preprocessing_for(eval_source),
+        on_corrupt=on_corrupt,
+        corrupt=len(corrupt) + len(corrupt_eval),
+    )
+
+
+def _shared_work(workdir: str, replicas) -> shared.SharedWork:
+    """The job's processes as data/shared.py sees them. In an elastic job a worker may
+    join later, and nobody may call a collective before the elastic loop: each worker
+    then works alone (a cached result is still read back)."""
+    cache_dir = shared.cache_directory(workdir)
+    if replicas.elastic:
+        return shared.SharedWork(cache_dir)
+    return shared.SharedWork(
+        cache_dir,
+        process=replicas.rank,
+        processes=replicas.size // replicas.local_replicas,
+        sum_over_processes=replicas.sum_over_processes,
+    )

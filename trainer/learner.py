@@ -1,0 +1,94 @@
+"""The model, its optimizer and learning-rate schedule, and the compiled training step.
+
+Built inside the replicas' scope, so that variables are mirrored (MirroredStrategy) or
+broadcast from the chief (Horovod) like any Keras model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import keras
+
+from data.errors import InputError
+from trainer.model import sync_batchnorm
+from trainer.train_step import TrainStep
+
+OPTIMIZERS = {
+    "adam": keras.optimizers.Adam,
+    "adamw": keras.optimizers.AdamW,
+    "sgd": keras.optimizers.SGD,
+}
+PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
+
+
+@gin.configurable
+def learning_rate_schedule(
+    base_rate: float, steps: int, warmup_steps: int = 20, decay: str = "cosine"
+):
+    """Linear warm-up from 0 to `base_rate`, then cosine decay to 0 at `steps` (or constant)."""
+    if warmup_steps < 0:
+        raise InputError(f"learning_rate_schedule.warmup_steps must be >= 0, got {warmup_steps}.")
+    if decay not in ("cosine", "constant"):
+        raise InputError(
+            f"Unknown learning_rate_schedule.decay {decay!r}; use 'cosine' or 'constant'."
+        )
+    warmup_steps = min(warmup_steps, max(steps - 1, 0))
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup_steps else base_rate,
+        max(steps - warmup_steps, 1),
+        alpha=1.0 if decay == "constant" else 0.0,  # alpha = 1: no decay
+        warmup_target=base_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+@dataclasses.dataclass
+class Learner:
+    model: keras.Model  # the embedding model
+    optimizer: keras.optimizers.Optimizer
+    schedule: object  # step -> learning rate, for the logs
+    step_fn: TrainStep  # one step on every replica, the loss mined over the global batch
+
+
+def build_learner(
+    replicas,
+    model,
+    loss,
+    cross_replica_mining: bool,
+    optimizer: str,
+    learning_rate: float,
+    weight_decay: float,
+    scale_learning_rate: bool,
+    precision: str | None,
+    synchronized_batchnorm: bool,
+    nonfinite: str,
+    steps: int,
+    seed: int,
+    say,
+) -> Learner:
+    """`model()` under `precision`, seeded, with the named optimizer on the warm-up/cosine
+    schedule. `nonfinite='skip'` wraps the optimizer in a loss-scale optimizer of scale 1,
+    whose skipping of non-finite steps is what 'skip' needs."""
+    keras.mixed_precision.set_global_policy(precision or "float32")
+    keras.utils.set_random_seed(seed)
+    base_rate = learning_rate * (replicas.size if scale_learning_rate else 1)
+    with replicas.scope():
+        embedding_model = model()
+        if synchronized_batchnorm:
+            say(f"synchronized BatchNorm in {sync_batchnorm(embedding_model, replicas)} layers")
+        schedule = learning_rate_schedule(base_rate, steps)
+        opt = OPTIMIZERS[optimizer](
+            learning_rate=schedule,
+            **({"weight_decay": weight_decay} if weight_decay else {}),
+        )
+        if precision == "mixed_float16":
+            opt = keras.optimizers.LossScaleOptimizer(opt)
+        elif nonfinite == "skip":
+            # The scale stays a power of two (exact in float32) and never grows.
+            opt = keras.optimizers.LossScaleOptimizer(
+                opt, initial_scale=1.0, dynamic_growth_steps=2**31 - 1
+            )
+    step_fn = TrainStep(embedding_model, opt, loss, replicas, cross_replica_mining)
+    return Learner(embedding_model, opt, schedule, step_fn)

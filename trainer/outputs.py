@@ -1,0 +1,142 @@
+"""What a job writes to its workdir: checkpoints, TensorBoard, the operative config,
+evaluations, and at the end results.json, the projector files and the SavedModel.
+
+Only the chief writes; every process evaluates (the metrics are a collective).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import gin
+
+from data.errors import InputError
+from data.pipeline import listed
+from trainer import export
+from trainer.checkpoints import Checkpoints
+from trainer.evaluation import embed_source, embedding_function, sharded_retrieval_metrics
+from trainer.summaries import Summaries
+
+
+class Evaluator:
+    """Embeds the eval set on all replicas, computes retrieval metrics, logs them."""
+
+    def __init__(self, model, replicas, data, distance, recall_k, chunk_size, summaries, say):
+        self.model, self.replicas, self.distance = model, replicas, distance
+        self.source, self.preprocessing = data.eval_source, data.eval_preprocessing
+        self.on_corrupt = data.on_corrupt
+        self.ks = sorted({1, recall_k})
+        self.chunk_size, self.summaries, self.say = chunk_size, summaries, say
+        self.retrace()
+
+    def retrace(self) -> None:
+        """A fresh compiled embedding step (see `TrainStep.retrace`)."""
+        self.embed = embedding_function(self.model, self.replicas)
+
+    def __call__(self, step: int):
+        embeddings, unreadable_rows = embed_source(
+            self.embed, self.replicas, self.source, self.chunk_size, self.preprocessing
+        )
+        if len(unreadable_rows):
+            self._unreadable(step, [self.source.describe(i) for i in unreadable_rows])
+        metrics = sharded_retrieval_metrics(
+            embeddings, self.source.labels, self.ks, self.distance, self.replicas
+        )
+        self.summaries.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        figures = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.say(f"eval at step {step}: {figures}", flush=True)
+        return metrics, embeddings
+
+    def _unreadable(self, step: int, names: list[str]) -> None:
+        if self.on_corrupt == "stop":
+            raise InputError(
+                f"{len(names)} evaluation image(s) of {self.source.name} cannot be read at step "
+                f"{step}, although they passed the start-up check: {listed(names)}. Fix them "
+                "and run the same command, or set verify_images.on_corrupt='skip'."
+            )
+        self.say(
+            f"eval at step {step}: unreadable image(s) {listed(names)} replaced by others of "
+            "their class"
+        )
+
+
+@dataclasses.dataclass
+class Outputs:
+    workdir: str
+    checkpoints: Checkpoints
+    summaries: Summaries
+    evaluate: Evaluator
+    first_step: int  # the step restored from the last checkpoint (0 for a new job)
+    export_model: bool
+
+
+def open_outputs(
+    workdir: str,
+    replicas,
+    data,
+    learner,
+    distance: str,
+    recall_k: int,
+    eval_chunk_size: int,
+    keep_checkpoints: int,
+    export_model: bool,
+    say,
+) -> Outputs:
+    """Creates the workdir, restores the last checkpoint and records the operative config.
+    Called only once the whole configuration has checked out, so a mistake writes nothing."""
+    if replicas.is_chief:
+        os.makedirs(workdir, exist_ok=True)
+    checkpoints = Checkpoints(
+        os.path.join(workdir, "checkpoints"),
+        replicas,
+        keep_checkpoints,
+        model=learner.model,
+        optimizer=learner.optimizer,
+    )
+    first_step = checkpoints.restore(
+        [*learner.model.variables, *learner.optimizer.variables], broadcast=not replicas.elastic
+    )
+    summaries = Summaries(workdir, enabled=replicas.is_chief)
+    if data.corrupt:
+        summaries.scalars(first_step, {"data/skipped_corrupt_images": data.corrupt})
+    if replicas.is_chief:
+        operative = gin.operative_config_str()
+        with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
+            f.write(operative)
+        summaries.text("config/operative_config", "```\n" + operative + "\n```", first_step)
+    evaluate = Evaluator(
+        learner.model, replicas, data, distance, recall_k, eval_chunk_size, summaries, say
+    )
+    return Outputs(workdir, checkpoints, summaries, evaluate, first_step, export_model)
+
+
+def write_results(outputs: Outputs, model, embeddings, eval_source, results: dict) -> None:
+    """The chief's last outputs: results.json, the projector files, the SavedModel."""
+    with open(os.path.join(outputs.workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    export.projector(outputs.workdir, embeddings, eval_source)
+    if outputs.export_model:
+        export.saved_model(model, os.path.join(outputs.workdir, "saved_model"))
+
+
+def final_summary(outputs: Outputs, results: dict, seconds: float) -> str:
+    workdir = outputs.workdir
+    figures = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
+    lines = [
+        f"done in {duration(seconds)}: {figures}",
+        f"  workdir      {workdir}",
+        f"  tensorboard  tensorboard --logdir {workdir}",
+        f"  checkpoints  {os.path.join(workdir, 'checkpoints')}",
+        f"  results      {os.path.join(workdir, 'results.json')}",
+        f"  projector    {os.path.join(workdir, 'projector')} (TensorBoard's Projector tab)",
+    ]
+    if outputs.export_model:
+        lines.append(f"  saved model  {os.path.join(workdir, 'saved_model')}")
+    return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

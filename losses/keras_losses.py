@@ -1,8 +1,9 @@
 """Keras 3 `Loss` classes wrapping the triplet functions; serializable, usable in compile.
 
 Labels are passed through as integers: Keras' default `Loss.__call__` would cast them
-to the embeddings' float dtype. Each loss is a scalar for the whole batch, so per-example
-`sample_weight` has no meaning and is refused with a clear error.
+to the embeddings' float dtype; float labels that Keras hands over (under a distribution
+strategy it does) are taken as the whole numbers they hold. Each loss is a scalar for
+the whole batch, so per-example `sample_weight` has no meaning and is refused.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses import triplet
+from losses import mining, triplet
 from losses.distances import canonical_distance
 
 PACKAGE = "metric_trainer"
@@ -47,7 +48,8 @@ class _BatchTripletLoss(keras.losses.Loss):
         return {"margin": self.margin, "distance": self.distance}
 
     def call(self, y_true, y_pred):
-        return triplet.normalized(self.terms(*triplet.whole_batch(y_true, y_pred)))
+        labels = mining.class_ids(y_true)  # Keras may hand over float labels
+        return triplet.normalized(self.terms(*triplet.whole_batch(labels, y_pred)))
 
     def terms(self, anchors, anchor_labels, anchor_positions, keys, key_labels):
         """The query/key form of this loss (see losses.triplet): a TripletTerms."""

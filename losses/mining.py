@@ -57,6 +57,31 @@ def check_labels(labels, name: str = "labels") -> tf.Tensor:
     return labels
 
 
+def class_ids(labels, name: str = "labels") -> tf.Tensor:
+    """Labels as integer class ids. Keras hands a loss float labels (its symbolic build
+    under a distribution strategy does), so a float holding a whole number is taken as
+    that id; any other float is an error naming the first offending values."""
+    labels = tf.convert_to_tensor(labels)
+    if labels.dtype.is_integer:
+        return labels
+    if not labels.dtype.is_floating:
+        raise TypeError(f"`{name}` must be integer class ids, got dtype {labels.dtype.name}.")
+    whole = tf.logical_and(tf.math.is_finite(labels), tf.equal(labels, tf.round(labels)))
+    not_whole = tf.boolean_mask(labels, tf.logical_not(whole))
+    message = f"`{name}` must be integer class ids; these are not whole numbers:"
+    if tf.executing_eagerly():
+        if tf.size(not_whole) > 0:
+            raise ValueError(f"{message} {not_whole[:5].numpy().tolist()}")
+        return tf.cast(labels, tf.int32)
+    check = tf.debugging.Assert(
+        tf.reduce_all(whole),
+        [message, not_whole[:5]],
+        summarize=5,
+    )
+    with tf.control_dependencies([check]):
+        return tf.cast(labels, tf.int32)
+
+
 def label_masks(anchor_labels, anchor_positions, key_labels) -> LabelMasks:
     """Positive (same label, not itself) and negative (other label) masks."""
     same = tf.equal(anchor_labels[:, tf.newaxis], key_labels[tf.newaxis, :])

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from losses.mining import class_ids
 from trainer.replicas import Replicas
 
 # Summed over replicas each step (in the gather's backward pass, or one all-reduce).
@@ -89,8 +90,12 @@ def loss_and_gradients(
             # gradients, without a collective of their own.
             target += tf.reduce_sum(mined.carrier_keys * local)
     if mined.carrier is None:
-        grads = tape.gradient(target, variables)
         summed = replicas.all_reduce_sum(local)
+        # Collectives must run in the same order on every replica, and nothing else
+        # orders this one before the optimizer's all-reduce of the gradients.
+        grads = tape.gradient(target, variables)
+        with tf.control_dependencies([summed]):
+            grads = [None if g is None else tf.identity(g) for g in grads]
     else:
         *grads, carrier_grad = tape.gradient(target, [*variables, mined.carrier])
         summed = carrier_grad[0]
@@ -103,6 +108,22 @@ def loss_and_gradients(
     normalizer = tf.maximum(normalizer, 1.0)
     grads = [None if g is None else g / tf.cast(normalizer, g.dtype) for g in grads]
     return StepResult(grads=grads, loss=value, stats=stats, terms=terms)
+
+
+def loss_and_statistics(
+    loss, replicas: Replicas, embeddings, labels, cross_replica_mining=True, replica_rows=None
+):
+    """The forward half of `loss_and_gradients`, for evaluation: the global loss of
+    these embeddings and the summed STATS (one gather and one all-reduce)."""
+    embeddings = tf.cast(embeddings, tf.float32)
+    # No statistics ride on the gather when nothing flows back: a zero-width carrier.
+    carrier = tf.zeros([tf.shape(embeddings)[0], 0]) if cross_replica_mining else None
+    mined = _mine(loss, replicas, embeddings, labels, carrier, replica_rows)
+    local = _local_stats(mined.terms, mined, embeddings, replicas.size)
+    stats = dict(zip(STATS, tf.unstack(replicas.all_reduce_sum(local)), strict=True))
+    if cross_replica_mining:
+        return tf.math.divide_no_nan(stats["loss_sum"], stats["count"]), stats
+    return stats["replica_mean"], stats
 
 
 class Mined(NamedTuple):
@@ -138,7 +159,7 @@ def _local_stats(terms, mined: Mined, embeddings, num_replicas) -> tf.Tensor:
 def _mine(loss, replicas: Replicas, embeddings, labels, carrier, replica_rows):
     """This replica's anchors against the keys: all replicas' rows (gathered with the
     `carrier` columns), or with `carrier=None` its own rows only."""
-    labels = tf.cast(labels, tf.int32)
+    labels = tf.cast(class_ids(labels), tf.int32)  # fit may hand over float labels
     local_rows = tf.shape(embeddings)[0]
     me = tf.cast(replicas.replica_index(), tf.int32)
     if carrier is None:

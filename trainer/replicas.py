@@ -221,17 +221,20 @@ class MirroredReplicas(Replicas):
         return tf.distribute.get_replica_context().replica_id_in_sync_group
 
     def all_gather(self, value, replica_rows=None):
+        # Each replica places its rows in a zero tensor of the global shape, and a
+        # summing all-reduce joins them. Adding zeros is exact, and the backward pass is
+        # the summing all-reduce followed by our slice: one collective each way, where
+        # ReplicaContext.all_gather takes two forward and two backward. Unknown row
+        # counts (Keras' fit) cost one small all-reduce more.
         context = tf.distribute.get_replica_context()
+        me = context.replica_id_in_sync_group
         if replica_rows is None:
-            # Exchanges the row counts first; its backward sums over replicas, then slices.
-            return context.all_gather(value, axis=0)
-        # Known row counts: place our rows in a zero tensor of the global shape and sum
-        # over replicas. Adding zeros is exact, and the backward pass is the summing
-        # all-reduce followed by our slice: one collective each way, where
-        # ReplicaContext.all_gather takes two forward and two backward.
-        starts = tf.constant(np.cumsum((0, *replica_rows))[:-1], tf.int32)
-        start = tf.gather(starts, context.replica_id_in_sync_group)
-        after = sum(replica_rows) - start - tf.shape(value)[0]
+            mine = tf.one_hot(me, self.size, dtype=tf.int32) * tf.shape(value)[0]
+            rows = context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
+        else:
+            rows = tf.constant(replica_rows, tf.int32)
+        start = tf.reduce_sum(rows[:me])
+        after = tf.reduce_sum(rows) - start - tf.shape(value)[0]
         padding = tf.concat([[[start, after]], tf.zeros([tf.rank(value) - 1, 2], tf.int32)], 0)
         return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.pad(value, padding))
 
@@ -317,6 +320,24 @@ class HorovodReplicas(Replicas):
 
 def launched_by_horovodrun() -> bool:
     return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def from_context() -> Replicas:
+    """The backend of a Keras model built now (see trainer/fit.py): the tf.distribute
+    strategy whose scope is open, Horovod under horovodrun, else one device."""
+    if tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return MirroredReplicas(strategy, "multi_worker", strategy.cluster_resolver.task_id)
+        if isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.OneDeviceStrategy)):
+            return MirroredReplicas(strategy, "mirrored")
+        raise InputError(
+            f"{type(strategy).__name__} is not supported; use MirroredStrategy, "
+            "MultiWorkerMirroredStrategy or OneDeviceStrategy, or Horovod."
+        )
+    if launched_by_horovodrun():
+        return HorovodReplicas()
+    return Replicas()
 
 
 @gin.configurable("distribute")

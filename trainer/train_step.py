@@ -20,6 +20,60 @@ METRICS = (
 )
 
 
+def replica_step(
+    model,
+    optimizer,
+    loss,
+    replicas: Replicas,
+    inputs,
+    labels,
+    cross_replica_mining: bool = True,
+    replica_rows=None,
+):
+    """One replica's part of a training step, inside `Replicas.run` (or a Keras
+    `train_step`): the loss mined over the global batch, the update, and the global
+    metrics as one vector in the order of METRICS. Also returns this replica's terms."""
+    variables = model.trainable_variables
+    is_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    result = loss_and_gradients(
+        loss,
+        replicas,
+        lambda x: model(x, training=True),
+        variables,
+        inputs,
+        labels,
+        cross_replica_mining,
+        optimizer.scale_loss if is_scaled else None,
+        replica_rows,
+    )
+    grads = result.grads
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+    if is_scaled:
+        # The loss-scale optimizer skips a step whose gradients are not finite; make
+        # every replica see the same verdict, or some would update and others not.
+        bad = replicas.all_reduce_sum(1.0 - tf.cast(finite, tf.float32))
+        finite = bad == 0.0
+        grads = [None if g is None else tf.where(finite, g, float("nan")) for g in grads]
+    replicas.apply_gradients(optimizer, grads, variables)
+    return metrics_vector(result.loss, result.stats, finite), result.terms
+
+
+def metrics_vector(loss_value, stats: dict, finite) -> tf.Tensor:
+    """METRICS from the global loss and the summed statistics (trainer/global_loss.py)."""
+    s = stats
+    return tf.stack(
+        [
+            tf.cast(loss_value, tf.float32),
+            tf.math.divide_no_nan(s["active"], s["terms"]),
+            tf.math.divide_no_nan(s["positive_distance_sum"], s["positive_pairs"]),
+            tf.math.divide_no_nan(s["negative_distance_sum"], s["negative_pairs"]),
+            tf.math.divide_no_nan(s["norm_sum"], s["rows"]),
+            tf.math.divide_no_nan(s["remote_negatives"], s["chosen_negatives"]),
+            tf.cast(finite, tf.float32),
+        ]
+    )
+
+
 class TrainStep:
     """Compiled train step on any backend; returns the global metrics as Python floats.
 
@@ -42,13 +96,9 @@ class TrainStep:
         self.cross_replica_mining = cross_replica_mining
         with replicas.scope():
             optimizer.build(model.trainable_variables)
-        self._scale_loss = (
-            optimizer.scale_loss
-            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-            else None
-        )
         self.retrace()
-        self.skips_nonfinite = self._scale_loss is not None  # the optimizer leaves them out
+        # A loss-scale optimizer leaves non-finite steps out.
+        self.skips_nonfinite = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.last_distances = {}
 
     def retrace(self) -> None:
@@ -57,42 +107,17 @@ class TrainStep:
         self._compiled = tf.function(self._replica_step)
 
     def _replica_step(self, images, labels, replica_rows=None):
-        variables = self.model.trainable_variables
-        result = loss_and_gradients(
+        metrics, terms = replica_step(
+            self.model,
+            self.optimizer,
             self.loss,
             self.replicas,
-            lambda x: self.model(x, training=True),
-            variables,
             images,
             labels,
             self.cross_replica_mining,
-            self._scale_loss,
             replica_rows,
         )
-        grads = result.grads
-        finite = tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
-        )
-        if self._scale_loss is not None:
-            # The loss-scale optimizer skips a step whose gradients are not finite; make
-            # every replica see the same verdict, or some would update and others not.
-            bad = self.replicas.all_reduce_sum(1.0 - tf.cast(finite, tf.float32))
-            finite = bad == 0.0
-            grads = [None if g is None else tf.where(finite, g, float("nan")) for g in grads]
-        self.replicas.apply_gradients(self.optimizer, grads, variables)
-        s = result.stats
-        metrics = tf.stack(
-            [
-                result.loss,
-                tf.math.divide_no_nan(s["active"], s["terms"]),
-                tf.math.divide_no_nan(s["positive_distance_sum"], s["positive_pairs"]),
-                tf.math.divide_no_nan(s["negative_distance_sum"], s["negative_pairs"]),
-                tf.math.divide_no_nan(s["norm_sum"], s["rows"]),
-                tf.math.divide_no_nan(s["remote_negatives"], s["chosen_negatives"]),
-                tf.cast(finite, tf.float32),
-            ]
-        )
-        return metrics, result.terms.positive_distances, result.terms.negative_distances
+        return metrics, terms.positive_distances, terms.negative_distances
 
     def run_local(self, images, labels, global_size: int) -> dict:
         """One step on this process's rows of a global batch of `global_size` rows

@@ -1,0 +1,192 @@
+"""Global-batch mining in plain Keras `model.fit`.
+
+`GlobalMiningModel(embedding_model)` wraps any embedding model. Its training step is the
+trainer's own (`trainer.train_step.replica_step` over `trainer/global_loss.py`): each
+replica mines its anchors against the embeddings gathered from every replica, with the
+global normalizer and exact gradients. The backend comes from the context the model is
+built in: the tf.distribute strategy whose scope is open (MirroredStrategy,
+MultiWorkerMirroredStrategy), Horovod when the script runs under `horovodrun` (each
+worker feeds its own contiguous slice of every global batch), else one device.
+
+    with tf.distribute.MirroredStrategy().scope():
+        model = GlobalMiningModel(embedding_net)
+        model.compile(optimizer="adam", loss=TripletSemiHardLoss(margin=0.2, distance="cosine"))
+    model.fit(dataset, epochs=10)
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.global_loss import loss_and_statistics
+from trainer.replicas import HorovodReplicas, from_context
+from trainer.train_step import METRICS, metrics_vector, replica_step
+
+PACKAGE = "metric_trainer"
+# The step's figures in fit's logs, History and callbacks (each the mean over the epoch).
+FIT_METRICS = tuple(name for name in METRICS if name != "finite_gradients")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GlobalMiningModel(keras.Model):
+    """A `keras.Model` whose `fit` mines over the global batch of all replicas.
+
+    `predict` and `__call__` return the embeddings; `evaluate` gives the loss of each
+    global batch, mined the same way. `cross_replica_mining=False` mines each replica's
+    slice alone (the usual data-parallel behaviour, for comparison).
+    """
+
+    def __init__(self, embedding_model: keras.Model, cross_replica_mining: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(embedding_model, keras.Model):
+            raise TypeError(
+                "GlobalMiningModel wraps a keras.Model (the embedding model), got "
+                f"{type(embedding_model).__name__}."
+            )
+        self.embedding_model = embedding_model
+        self.cross_replica_mining = bool(cross_replica_mining)
+        self.replicas = from_context()
+        self._trackers = [keras.metrics.Mean(name=name) for name in FIT_METRICS]
+
+    def call(self, inputs, training=False):
+        return self.embedding_model(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return list(self._trackers)
+
+    def compile(
+        self, optimizer="rmsprop", loss=None, metrics=None, jit_compile="auto", **kwargs
+    ):
+        """Keras' compile, for a loss of `losses` with a query/key form. The step runs
+        without XLA: Keras' 'auto' would choose it on one GPU, and it cannot compile the
+        mining (nor Horovod's collectives, which have no XLA kernels in this build)."""
+        if not callable(getattr(loss, "terms", None)):
+            raise ValueError(
+                f"GlobalMiningModel needs a loss that can be mined over a batch (a class of "
+                f"`losses` with a query/key form, e.g. TripletSemiHardLoss()), got {loss!r}."
+            )
+        if metrics or kwargs.get("weighted_metrics"):
+            raise ValueError(
+                "GlobalMiningModel logs its own step metrics ("
+                + ", ".join(FIT_METRICS)
+                + "); compile's `metrics` has no per-example meaning for a batch loss."
+            )
+        if jit_compile is True:
+            raise ValueError(
+                "GlobalMiningModel cannot be compiled with jit_compile=True: the mining's "
+                "shapes depend on the labels (how many positives each anchor has), which XLA "
+                "cannot compile. Leave jit_compile at 'auto' or False (both run without XLA)."
+            )
+        super().compile(optimizer=optimizer, loss=loss, jit_compile=False, **kwargs)
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded model (Keras skips that for a model with its own compile)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def fit(self, x=None, y=None, **kwargs):
+        """Keras' fit. Under Horovod the workers first take rank 0's weights."""
+        if isinstance(self.replicas, HorovodReplicas):
+            self._start_from_chief(x)
+        return super().fit(x, y, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3 builds the model on the mean of a distributed batch over replicas, which
+        # MultiWorkerMirroredStrategy cannot take outside a step (keras-team/keras#20585:
+        # plain Keras fit fails there). The first replica's values build it as well.
+        if self.replicas.name == "multi_worker" and iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(self._first_replica, next(batches))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _first_replica(self, value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return self.distribute_strategy.experimental_local_results(value)[0]
+        return value
+
+    def train_step(self, data):
+        x, y = _inputs_and_labels(data)
+        metrics, _ = replica_step(
+            self, self.optimizer, self.loss, self.replicas, x, y, self.cross_replica_mining
+        )
+        return self._logged(metrics)
+
+    def test_step(self, data):
+        x, y = _inputs_and_labels(data)
+        embeddings = self(x, training=False)
+        value, stats = loss_and_statistics(
+            self.loss, self.replicas, embeddings, y, self.cross_replica_mining
+        )
+        return self._logged(metrics_vector(value, stats, finite=True))
+
+    def _logged(self, metrics) -> dict:
+        for tracker, value in zip(self._trackers, tf.unstack(metrics), strict=False):
+            tracker.update_state(value)
+        logs = {tracker.name: tracker.result() for tracker in self._trackers}
+        if self.replicas.name == "multi_worker":
+            # Keras 3 averages the logs of MultiWorkerMirroredStrategy's replicas along
+            # axis 0, which a scalar lacks (keras-team/keras#20585); the mean of one-element
+            # vectors is the same scalar.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+    def _start_from_chief(self, x) -> None:
+        """Builds the weights and optimizer state, then broadcasts rank 0's to every
+        worker, so that workers started from different weights train as one."""
+        if not self.embedding_model.built or not self.embedding_model.weights:
+            self.embedding_model(_example_batch(x), training=False)
+        if self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        optimizer_variables = self.optimizer.variables if self.optimizer is not None else []
+        self.replicas.broadcast_variables([*self.variables, *optimizer_variables])
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "embedding_model": keras.saving.serialize_keras_object(self.embedding_model),
+            "cross_replica_mining": self.cross_replica_mining,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["embedding_model"] = keras.saving.deserialize_keras_object(
+            config["embedding_model"]
+        )
+        return cls(**config)
+
+
+def _inputs_and_labels(data):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    if sample_weight is not None:
+        raise ValueError(
+            "GlobalMiningModel mines a whole-batch loss; per-example `sample_weight` has no "
+            "meaning for it."
+        )
+    if y is None:
+        raise ValueError("GlobalMiningModel.fit needs labels: fit(x, y) or (x, y) batches.")
+    return x, y
+
+
+def _example_batch(x):
+    """One all-zeros input of `fit`'s x (an array or a dataset of (x, y) batches), to
+    create an unbuilt model's weights before they are broadcast."""
+    if isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        spec = spec[0] if isinstance(spec, tuple) else spec
+        shape = [1 if d is None else d for d in spec.shape]
+        return tf.zeros(shape, spec.dtype)
+    if x is None:
+        raise ValueError(
+            "GlobalMiningModel under Horovod builds its weights from fit's x before "
+            "broadcasting them; pass x as an array or a tf.data.Dataset, or build the model first."
+        )
+    x = np.asarray(x)
+    return tf.zeros((1, *x.shape[1:]), x.dtype)

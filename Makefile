@@ -20,6 +20,7 @@ test: install
 bench: install
 	$(PYTHON) -m bench.losses
 	$(PYTHON) -m bench.cross_replica
+	$(PYTHON) -m bench.fit
 	$(PYTHON) -m bench.elastic
 	$(PYTHON) -m bench.scale
 

@@ -48,14 +48,14 @@ class GlobalMiningModel(keras.Model):
         self.embedding_model = embedding_model
         self.cross_replica_mining = bool(cross_replica_mining)
         self.replicas = from_context()
-        self._trackers = [keras.metrics.Mean(name=name) for name in FIT_METRICS]
+        self._means = EpochMeans(FIT_METRICS)
 
     def call(self, inputs, training=False):
         return self.embedding_model(inputs, training=training)
 
     @property
     def metrics(self):
-        return list(self._trackers)
+        return [self._means]
 
     def compile(
         self, optimizer="rmsprop", loss=None, metrics=None, jit_compile="auto", **kwargs
@@ -113,22 +113,34 @@ class GlobalMiningModel(keras.Model):
     def train_step(self, data):
         x, y = _inputs_and_labels(data)
         metrics, _ = replica_step(
-            self, self.optimizer, self.loss, self.replicas, x, y, self.cross_replica_mining
+            self,
+            self.optimizer,
+            self.loss,
+            self.replicas,
+            x,
+            y,
+            self.cross_replica_mining,
+            self._replica_rows(y),
         )
         return self._logged(metrics)
 
     def test_step(self, data):
         x, y = _inputs_and_labels(data)
         embeddings = self(x, training=False)
+        rows = self._replica_rows(y)
         value, stats = loss_and_statistics(
-            self.loss, self.replicas, embeddings, y, self.cross_replica_mining
+            self.loss, self.replicas, embeddings, y, self.cross_replica_mining, rows
         )
         return self._logged(metrics_vector(value, stats, finite=True))
 
+    def _replica_rows(self, labels):
+        """Each replica's rows when the batch shape fixes them (drop_remainder=True): the
+        gather then needs no exchange of row counts."""
+        return self.replicas.rows_from_static_shape(tf.TensorShape(labels.shape)[0])
+
     def _logged(self, metrics) -> dict:
-        for tracker, value in zip(self._trackers, tf.unstack(metrics), strict=False):
-            tracker.update_state(value)
-        logs = {tracker.name: tracker.result() for tracker in self._trackers}
+        self._means.update_state(metrics[: len(FIT_METRICS)])
+        logs = dict(zip(FIT_METRICS, tf.unstack(self._means.result()), strict=True))
         if self.replicas.name == "multi_worker":
             # Keras 3 averages the logs of MultiWorkerMirroredStrategy's replicas along
             # axis 0, which a scalar lacks (keras-team/keras#20585); the mean of one-element
@@ -161,6 +173,33 @@ class GlobalMiningModel(keras.Model):
             config["embedding_model"]
         )
         return cls(**config)
+
+
+class EpochMeans(keras.metrics.Metric):
+    """The mean over the epoch of each step figure, all in one vector variable: a Mean
+    per figure would update 2 variables per figure on every replica at every step.
+    Every replica adds the same global figures, so the sums over replicas (what a
+    cross-replica read gives) have the same ratio."""
+
+    def __init__(self, names, name="step_means", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.names = tuple(names)
+        self.total = self.add_variable(
+            shape=(len(self.names),), initializer="zeros", aggregation="sum", name="total"
+        )
+        self.count = self.add_variable(
+            shape=(), initializer="zeros", aggregation="sum", name="count"
+        )
+
+    def update_state(self, values):
+        self.total.assign_add(tf.cast(values, self.dtype))
+        self.count.assign_add(tf.constant(1.0, self.dtype))
+
+    def result(self):
+        return tf.math.divide_no_nan(self.total, self.count)
+
+    def get_config(self):
+        return {**super().get_config(), "names": self.names}
 
 
 def _inputs_and_labels(data):

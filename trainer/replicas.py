@@ -141,6 +141,11 @@ class Replicas:
         """Rows of a global batch held by each replica, in replica order."""
         return tuple(end - start for start, end in slice_bounds(global_size, self.size))
 
+    def rows_from_static_shape(self, rows: int | None) -> tuple[int, ...] | None:
+        """Every replica's row count, if this replica's static batch size `rows` implies
+        it (inside a step of Keras' fit), else None: the gather then exchanges them."""
+        return None if rows is None else (rows,)
+
     def all_gather(self, value, replica_rows=None):
         """Concatenates every replica's `value` along axis 0, in replica order.
 
@@ -220,6 +225,10 @@ class MirroredReplicas(Replicas):
     def replica_index(self):
         return tf.distribute.get_replica_context().replica_id_in_sync_group
 
+    def rows_from_static_shape(self, rows: int | None) -> tuple[int, ...] | None:
+        # A distributed dataset gives every replica the same element spec.
+        return None if rows is None else (rows,) * self.size
+
     def all_gather(self, value, replica_rows=None):
         # Each replica places its rows in a zero tensor of the global shape, and a
         # summing all-reduce joins them. Adding zeros is exact, and the backward pass is
@@ -284,6 +293,9 @@ class HorovodReplicas(Replicas):
 
     def replica_index(self):
         return tf.constant(self.rank)
+
+    def rows_from_static_shape(self, rows: int | None) -> None:
+        return None  # each worker feeds its own batches, perhaps of other sizes
 
     def all_gather(self, value, replica_rows=None):
         hvd = self.hvd

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+from bench.rounds import run_child, summarize
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROUNDS = 5
@@ -60,14 +61,7 @@ def measure(replicas_count: int, steps: int, batch: int) -> dict:
                 runs[mode](x[rows], y[rows])
                 times[mode].append(time.perf_counter() - start)
         rounds.append({mode: float(np.median(t)) for mode, t in times.items()})
-    ratios = sorted(r["global"] / r["local"] for r in rounds)
-    return {
-        "global": float(np.median([r["global"] for r in rounds])),
-        "local": float(np.median([r["local"] for r in rounds])),
-        "ratio": float(np.median(ratios)),
-        "ratio_min": ratios[0],
-        "ratio_max": ratios[-1],
-    }
+    return summarize(rounds, "global", "local")
 
 
 def main(argv=None):
@@ -83,23 +77,7 @@ def main(argv=None):
     results = {}
     for n in args.replicas:
         print(f"{n} replicas, global batch {args.batch}, {args.steps} steps each ...", flush=True)
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.cross_replica",
-                "--child",
-                str(n),
-                "--steps",
-                str(args.steps),
-                "--batch",
-                str(args.batch),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        t = json.loads(out.stdout.strip().splitlines()[-1])
+        t = run_child("bench.cross_replica", n, args.steps, args.batch)
         results[n] = t
         print(
             f"  global {t['global'] * 1e3:7.2f} ms   local {t['local'] * 1e3:7.2f} ms   "

@@ -1,16 +1,18 @@
 """Cost of global mining in plain Keras: `GlobalMiningModel.fit` over `model.fit` with the
 same loss mined per replica, in one run.
 
-  python -m bench.fit [--replicas 2 4] [--steps 60] [--batch 96]
+  python -m bench.fit [--replicas 2 4] [--steps 60] [--batch 96] [--ops default one_device]
 
-For each replica count, a fresh process builds a plain MirroredStrategy on logical CPUs
-(as a user would: default cross-device ops), the default job's digits model twice, and
+For each replica count, a fresh process builds a MirroredStrategy on logical CPUs, once
+with the cross-device ops it picks itself (as a user's `MirroredStrategy()` would; on
+CPUs, CollectiveAllReduce) and once reducing on one device (what the trainer uses for
+logical CPUs), then the default job's digits model twice, and
 compiles one as a GlobalMiningModel and one as a plain Keras model with the same loss
-(TripletSemiHardLoss, cosine). Both fit the same P×K-sampled batches; one epoch of
-`--steps` steps each, in alternating order, for 9 rounds after a warm-up epoch. A
-round's figure is the median time from one step's end to the next (fit's set-up left
-out); the result is the median over rounds of the ratio. Only ratios are meaningful on
-a shared machine.
+(TripletSemiHardLoss, cosine). Both fit the same P×K-sampled batches, taking turns
+every 5 steps (a `fit` of 5 batches each), `--steps` steps each a round, 5 rounds after
+a warm-up epoch. A round's figure is the median time of a step (from its batch's begin
+to its end: fit's set-up left out); the result is the median over rounds of the ratio.
+Only ratios are meaningful on a shared machine.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+from bench.rounds import run_child, summarize
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROUNDS = 9
+ROUNDS = 5
+CHUNK = 5
 
 
-def measure(replicas_count: int, steps: int, batch: int) -> dict:
+def measure(replicas_count: int, steps: int, batch: int, ops: str) -> dict:
     """Runs in the child process: seconds per step of both fits, per round."""
     import keras
     import numpy as np
@@ -40,20 +44,23 @@ def measure(replicas_count: int, steps: int, batch: int) -> dict:
     from trainer.replicas import configure_cpu_replicas
 
     class StepTimer(keras.callbacks.Callback):
-        """Seconds from one step's end to the next: fit's set-up is left out."""
+        """Seconds of each step, from its batch's begin to its end: fit's set-up is left out."""
 
         def __init__(self):
             super().__init__()
-            self.ends = []
+            self.seconds = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.began = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
-            self.ends.append(time.perf_counter())
-
-        def median(self) -> float:
-            return float(np.median(np.diff(self.ends)))
+            self.seconds.append(time.perf_counter() - self.began)
 
     devices = configure_cpu_replicas(replicas_count)
-    strategy = tf.distribute.MirroredStrategy(devices)
+    reduce_on_one = tf.distribute.ReductionToOneDevice(devices[0])
+    strategy = tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=reduce_on_one if ops == "one_device" else None
+    )
     source = digits(classes=(0, 6))
     sampler = PKSampler(source.labels, batch // 16, 16, seed=0)
     rows = np.concatenate([sampler.global_batch(step) for step in range(steps)])
@@ -71,21 +78,16 @@ def measure(replicas_count: int, steps: int, batch: int) -> dict:
     for model in models.values():  # trace and warm up
         model.fit(dataset, epochs=1, verbose=0)
     rounds = []
-    for r in range(ROUNDS):
-        seconds = {}
-        for mode in list(models) if r % 2 == 0 else list(models)[::-1]:
-            timer = StepTimer()
-            models[mode].fit(dataset, epochs=1, verbose=0, callbacks=[timer])
-            seconds[mode] = timer.median()
-        rounds.append(seconds)
-    ratios = sorted(r["global"] / r["plain"] for r in rounds)
-    return {
-        "global": float(np.median([r["global"] for r in rounds])),
-        "plain": float(np.median([r["plain"] for r in rounds])),
-        "ratio": float(np.median(ratios)),
-        "ratio_min": ratios[0],
-        "ratio_max": ratios[-1],
-    }
+    for _ in range(ROUNDS):
+        seconds = {mode: [] for mode in models}
+        for chunk in range(steps // CHUNK):  # the models take turns every CHUNK steps
+            part = dataset.skip(chunk * CHUNK).take(CHUNK)
+            for mode in list(models) if chunk % 2 == 0 else list(models)[::-1]:
+                timer = StepTimer()
+                models[mode].fit(part, epochs=1, verbose=0, callbacks=[timer])
+                seconds[mode] += timer.seconds
+        rounds.append({mode: float(np.median(s)) for mode, s in seconds.items()})
+    return summarize(rounds, "global", "plain")
 
 
 def main(argv=None):
@@ -93,25 +95,29 @@ def main(argv=None):
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=96, help="global batch (multiple of 16)")
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        default=["default", "one_device"],
+        help="cross-device ops: MirroredStrategy's default choice, or reducing on one device",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.batch)))
+        print(json.dumps(measure(args.child, args.steps, args.batch, args.ops[0])))
         return 0
     results = {}
-    for n in args.replicas:
-        print(f"{n} replicas, global batch {args.batch}, {args.steps} steps an epoch ...")
-        child = [sys.executable, "-m", "bench.fit", "--child", str(n)]
-        child += ["--steps", str(args.steps), "--batch", str(args.batch)]
-        out = subprocess.run(child, capture_output=True, text=True, check=True)
-        t = json.loads(out.stdout.strip().splitlines()[-1])
-        results[n] = t
-        print(
-            f"  GlobalMiningModel.fit {t['global'] * 1e3:7.2f} ms/step   plain fit "
-            f"{t['plain'] * 1e3:7.2f} ms/step   ratio {t['ratio']:5.3f} (median of {ROUNDS} "
-            f"rounds; {t['ratio_min']:.3f}-{t['ratio_max']:.3f})  (target <= 1.10)",
-            flush=True,
-        )
+    for ops in args.ops:
+        for n in args.replicas:
+            print(f"{n} replicas ({ops} cross-device ops), global batch {args.batch} ...")
+            t = run_child("bench.fit", n, args.steps, args.batch, "--ops", ops)
+            results[f"{ops}/{n}"] = t
+            print(
+                f"  GlobalMiningModel.fit {t['global'] * 1e3:7.2f} ms/step   plain fit "
+                f"{t['plain'] * 1e3:7.2f} ms/step   ratio {t['ratio']:5.3f} (median of "
+                f"{ROUNDS} rounds; {t['ratio_min']:.3f}-{t['ratio_max']:.3f})  (target <= 1.10)",
+                flush=True,
+            )
     print(json.dumps(results))
     return 0
 

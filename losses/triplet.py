@@ -204,18 +204,14 @@ def batch_all_terms(
     )
     slots = mining.positive_slots(masks.positive)
     thresholds = mining.gather_rows(distances, slots.index) + margin
-    negative_d = tf.where(masks.negative, tf.stop_gradient(distances), float("inf"))
-    order = tf.argsort(negative_d, axis=1, stable=True)
-    sorted_negative_d = mining.gather_rows(negative_d, order)
-    # Prefix sums of the sorted negative distances, with gradient, 0 past the negatives.
-    is_negative = sorted_negative_d < float("inf")
-    sorted_d = tf.where(is_negative, mining.gather_rows(distances, order), 0.0)
-    prefix = tf.concat([tf.zeros_like(sorted_d[:, :1]), tf.cumsum(sorted_d, axis=1)], axis=1)
-    closer = tf.searchsorted(sorted_negative_d, tf.stop_gradient(thresholds), side="left")
-    losses = tf.cast(closer, tf.float32) * thresholds - mining.gather_rows(prefix, closer)
+    losses, active = tf.cond(
+        tf.shape(thresholds)[1] <= mining.MAX_POSITIVE_PASSES,
+        lambda: _hinge_sums_by_passes(thresholds, slots.valid, distances, masks.negative),
+        lambda: _hinge_sums_by_sorting(thresholds, distances, masks.negative),
+    )
     losses = tf.where(slots.valid, tf.maximum(losses, 0.0), 0.0)
-    num_active = _count(tf.where(slots.valid, closer, 0))
-    num_negatives = tf.reduce_sum(tf.cast(is_negative, tf.float32), axis=1, keepdims=True)
+    num_active = tf.reduce_sum(tf.where(slots.valid, active, 0.0))
+    num_negatives = tf.reduce_sum(tf.cast(masks.negative, tf.float32), axis=1, keepdims=True)
     num_triplets = tf.reduce_sum(tf.where(slots.valid, num_negatives, 0.0))
     count = num_active if reduction == "nonzero" else num_triplets
     no_single_negative = tf.zeros([0], tf.int32)
@@ -228,6 +224,61 @@ def batch_all_terms(
         _observed(thresholds - margin, slots.valid),
         _observed(distances, masks.negative),
     )
+
+
+def _hinge_sums_by_sorting(thresholds, distances, negative):
+    """Per (anchor, positive slot) with threshold t = d(a, p) + margin: the sum over the
+    anchor's negatives of max(t - d(a, n), 0), and how many are positive. Each row of
+    negatives is sorted once; a prefix sum gives every slot's sum (many positives)."""
+    negative_d = tf.where(negative, tf.stop_gradient(distances), float("inf"))
+    order = tf.argsort(negative_d, axis=1, stable=True)
+    sorted_negative_d = mining.gather_rows(negative_d, order)
+    # Prefix sums of the sorted negative distances, with gradient, 0 past the negatives.
+    is_negative = sorted_negative_d < float("inf")
+    sorted_d = tf.where(is_negative, mining.gather_rows(distances, order), 0.0)
+    prefix = tf.concat([tf.zeros_like(sorted_d[:, :1]), tf.cumsum(sorted_d, axis=1)], axis=1)
+    closer = tf.searchsorted(sorted_negative_d, tf.stop_gradient(thresholds), side="left")
+    sums = tf.cast(closer, tf.float32) * thresholds - mining.gather_rows(prefix, closer)
+    return sums, tf.cast(closer, tf.float32)
+
+
+def _hinge_sums_by_passes(thresholds, valid, distances, negative):
+    """What `_hinge_sums_by_sorting` returns, in one pass over each anchor's row per
+    positive slot: no sort, cheap when positives are few (P×K batches). The gradient is
+    written out, a count per slot and minus a count per negative, so the backward pass
+    keeps no (anchors, slots, keys) tensor: memory stays O(anchors × keys)."""
+    negative_d = tf.where(negative, distances, float("inf"))
+    num_slots = tf.shape(thresholds)[1]
+
+    def over_slots(step, initial):
+        return tf.while_loop(lambda j, _: j < num_slots, step, (tf.constant(0), initial))[1]
+
+    def hinges(t, negative_d, j):
+        h = t[:, j : j + 1] - negative_d
+        return h, (h > 0) & valid[:, j : j + 1]
+
+    @tf.custom_gradient
+    def sums(t, negative_d):
+        def step(j, acc):
+            h, on = hinges(t, negative_d, j)
+            column = tf.one_hot(j, num_slots)[tf.newaxis, :]
+            loss = tf.reduce_sum(tf.where(on, h, 0.0), axis=1, keepdims=True)
+            count = tf.reduce_sum(tf.cast(on, tf.float32), axis=1, keepdims=True)
+            return j + 1, (acc[0] + loss * column, acc[1] + count * column)
+
+        zeros = tf.zeros_like(t)
+        loss, count = over_slots(step, (zeros, zeros))
+
+        def grad(d_loss, d_count):
+            def back(j, acc):
+                _, on = hinges(t, negative_d, j)
+                return j + 1, acc - tf.where(on, d_loss[:, j : j + 1], 0.0)
+
+            return d_loss * count, over_slots(back, tf.zeros_like(negative_d))
+
+        return (loss, count), grad
+
+    return sums(thresholds, negative_d)
 
 
 def whole_batch(labels, embeddings):

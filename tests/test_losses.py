@@ -124,14 +124,29 @@ def test_gradient_matches_finite_differences_of_reference(loss, kw, distance):
     assert np.abs(grad).sum() > 0  # the loss is active, so the check is not vacuous
 
 
-def test_sorting_path_equals_one_pass_per_positive(monkeypatch):
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        losses.triplet_semihard_loss,
+        lambda *a, **k: losses.triplet_batch_all_loss(*a, margin=1.0, **k),
+        lambda *a, **k: losses.triplet_batch_all_loss(*a, margin=1.0, reduction="all", **k),
+    ],
+)
+def test_sorting_path_equals_one_pass_per_positive(monkeypatch, loss_fn):
     labels, x = make_batch("many_positives", seed=11)
     for distance in DISTANCES:
-        monkeypatch.setattr(mining, "MAX_POSITIVE_PASSES", 8)
-        sorted_path = losses.triplet_semihard_loss(labels, x, distance=distance)
-        monkeypatch.setattr(mining, "MAX_POSITIVE_PASSES", 10_000)
-        passes_path = losses.triplet_semihard_loss(labels, x, distance=distance)
-        assert float(sorted_path) == pytest.approx(float(passes_path), rel=1e-6)
+        results = []
+        for limit in (8, 10_000):  # sorting, then one pass per positive
+            monkeypatch.setattr(mining, "MAX_POSITIVE_PASSES", limit)
+            xt = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(xt)
+                value = loss_fn(labels, xt, distance=distance)
+            results.append((float(value), tape.gradient(value, xt).numpy()))
+        (sorted_value, sorted_grad), (passes_value, passes_grad) = results
+        assert sorted_value == pytest.approx(passes_value, rel=1e-6)
+        np.testing.assert_allclose(sorted_grad, passes_grad, rtol=1e-5, atol=1e-6)
+        assert np.abs(passes_grad).sum() > 0
 
 
 @pytest.mark.parametrize("loss,kw", VARIANTS)

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from bench.rounds import run_child, summarize
+from bench.rounds import ratio_line, run_child, summarize
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROUNDS = 5
@@ -79,12 +79,7 @@ def main(argv=None):
         print(f"{n} replicas, global batch {args.batch}, {args.steps} steps each ...", flush=True)
         t = run_child("bench.cross_replica", n, args.steps, args.batch)
         results[n] = t
-        print(
-            f"  global {t['global'] * 1e3:7.2f} ms   local {t['local'] * 1e3:7.2f} ms   "
-            f"global / local {t['ratio']:5.3f} (median of {ROUNDS} rounds; "
-            f"{t['ratio_min']:.3f}-{t['ratio_max']:.3f})  (target <= 1.10)",
-            flush=True,
-        )
+        print("  " + ratio_line(t, "global", "local", ROUNDS), flush=True)
     print(json.dumps(results))
     return 0
 

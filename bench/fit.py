@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from bench.rounds import run_child, summarize
+from bench.rounds import ratio_line, run_child, summarize
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROUNDS = 5
@@ -112,12 +112,7 @@ def main(argv=None):
             print(f"{n} replicas ({ops} cross-device ops), global batch {args.batch} ...")
             t = run_child("bench.fit", n, args.steps, args.batch, "--ops", ops)
             results[f"{ops}/{n}"] = t
-            print(
-                f"  GlobalMiningModel.fit {t['global'] * 1e3:7.2f} ms/step   plain fit "
-                f"{t['plain'] * 1e3:7.2f} ms/step   ratio {t['ratio']:5.3f} (median of "
-                f"{ROUNDS} rounds; {t['ratio_min']:.3f}-{t['ratio_max']:.3f})  (target <= 1.10)",
-                flush=True,
-            )
+            print("  " + ratio_line(t, "global", "plain", ROUNDS, "ms/step"), flush=True)
     print(json.dumps(results))
     return 0
 

@@ -23,6 +23,15 @@ def summarize(rounds: list[dict], mode: str, baseline: str) -> dict:
     }
 
 
+def ratio_line(t: dict, mode: str, baseline: str, rounds: int, unit: str = "ms") -> str:
+    """One result of `summarize` as a line: both times, the ratio and its spread."""
+    return (
+        f"{mode} {t[mode] * 1e3:7.2f} {unit}   {baseline} {t[baseline] * 1e3:7.2f} {unit}   "
+        f"ratio {t['ratio']:5.3f} (median of {rounds} rounds; "
+        f"{t['ratio_min']:.3f}-{t['ratio_max']:.3f})  (target <= 1.10)"
+    )
+
+
 def run_child(module: str, replicas: int, steps: int, batch: int, *extra: str) -> dict:
     """`python -m module --child replicas --steps … --batch … extra`; its last line's JSON."""
     command = [sys.executable, "-m", module, "--child", str(replicas)]

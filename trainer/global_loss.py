@@ -100,10 +100,8 @@ def loss_and_gradients(
         *grads, carrier_grad = tape.gradient(target, [*variables, mined.carrier])
         summed = carrier_grad[0]
     stats = dict(zip(STATS, tf.unstack(summed), strict=True))
-    if cross_replica_mining:
-        normalizer, value = stats["count"], tf.math.divide_no_nan(stats["loss_sum"], stats["count"])
-    else:
-        normalizer, value = terms.count * replicas.size, stats["replica_mean"]
+    value = _loss_value(stats, cross_replica_mining)
+    normalizer = stats["count"] if cross_replica_mining else terms.count * replicas.size
     # A zero normalizer means every term is 0, and so is every gradient: divide by 1.
     normalizer = tf.maximum(normalizer, 1.0)
     grads = [None if g is None else g / tf.cast(normalizer, g.dtype) for g in grads]
@@ -121,9 +119,15 @@ def loss_and_statistics(
     mined = _mine(loss, replicas, embeddings, labels, carrier, replica_rows)
     local = _local_stats(mined.terms, mined, embeddings, replicas.size)
     stats = dict(zip(STATS, tf.unstack(replicas.all_reduce_sum(local)), strict=True))
+    return _loss_value(stats, cross_replica_mining), stats
+
+
+def _loss_value(stats: dict, cross_replica_mining: bool) -> tf.Tensor:
+    """The global loss from the summed STATS: the loss sum over the global normalizer,
+    or with per-replica mining the mean of the replicas' own losses."""
     if cross_replica_mining:
-        return tf.math.divide_no_nan(stats["loss_sum"], stats["count"]), stats
-    return stats["replica_mean"], stats
+        return tf.math.divide_no_nan(stats["loss_sum"], stats["count"])
+    return stats["replica_mean"]
 
 
 class Mined(NamedTuple):

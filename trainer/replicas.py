@@ -143,8 +143,9 @@ class Replicas:
 
     def rows_from_static_shape(self, rows: int | None) -> tuple[int, ...] | None:
         """Every replica's row count, if this replica's static batch size `rows` implies
-        it (inside a step of Keras' fit), else None: the gather then exchanges them."""
-        return None if rows is None else (rows,)
+        it (inside a step of Keras' fit), else None: the gather then exchanges them.
+        A distributed dataset gives every replica the same element spec."""
+        return None if rows is None else (rows,) * self.size
 
     def all_gather(self, value, replica_rows=None):
         """Concatenates every replica's `value` along axis 0, in replica order.
@@ -224,10 +225,6 @@ class MirroredReplicas(Replicas):
 
     def replica_index(self):
         return tf.distribute.get_replica_context().replica_id_in_sync_group
-
-    def rows_from_static_shape(self, rows: int | None) -> tuple[int, ...] | None:
-        # A distributed dataset gives every replica the same element spec.
-        return None if rows is None else (rows,) * self.size
 
     def all_gather(self, value, replica_rows=None):
         # Each replica places its rows in a zero tensor of the global shape, and a

@@ -1,4 +1,5 @@
-"""Triplet losses for metric learning on TensorFlow 2 / Keras 3, with no distributed code.
+"""Triplet and pair-based losses for metric learning on TensorFlow 2 / Keras 3, with no
+distributed code.
 
 Functions return a float32 scalar; the Keras classes wrap them for `model.compile`.
 The `*_terms` functions are the query/key form used for cross-replica mining.
@@ -12,10 +13,25 @@ from losses.distances import (
     pairwise_distances,
 )
 from losses.keras_losses import (
+    ContrastiveLoss,
+    MultiSimilarityLoss,
+    NTXentLoss,
+    SupConLoss,
     TripletBatchAllLoss,
     TripletHardLoss,
     TripletLoss,
     TripletSemiHardLoss,
+)
+from losses.memory import CrossBatchMemory
+from losses.pairs import (
+    contrastive_loss,
+    contrastive_terms,
+    multi_similarity_loss,
+    multi_similarity_terms,
+    ntxent_loss,
+    ntxent_terms,
+    supcon_loss,
+    supcon_terms,
 )
 from losses.triplet import (
     TripletTerms,
@@ -30,6 +46,19 @@ from losses.triplet import (
 )
 
 __all__ = [
+    "ContrastiveLoss",
+    "CrossBatchMemory",
+    "MultiSimilarityLoss",
+    "NTXentLoss",
+    "SupConLoss",
+    "contrastive_loss",
+    "contrastive_terms",
+    "multi_similarity_loss",
+    "multi_similarity_terms",
+    "ntxent_loss",
+    "ntxent_terms",
+    "supcon_loss",
+    "supcon_terms",
     "ALIASES",
     "DISTANCES",
     "TripletBatchAllLoss",

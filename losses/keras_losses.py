@@ -1,4 +1,4 @@
-"""Keras 3 `Loss` classes wrapping the triplet functions; serializable, usable in compile.
+"""Keras 3 `Loss` classes wrapping the loss functions; serializable, usable in compile.
 
 Labels are passed through as integers: Keras' default `Loss.__call__` would cast them
 to the embeddings' float dtype; float labels that Keras hands over (under a distribution
@@ -11,30 +11,20 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses import mining, triplet
+from losses import mining, pairs, triplet
 from losses.distances import canonical_distance
 
 PACKAGE = "metric_trainer"
 
 
-class _BatchTripletLoss(keras.losses.Loss):
-    """Common plumbing: distance aliases, integer labels, config round trip.
+class _QueryKeyLoss(keras.losses.Loss):
+    """Common plumbing of the mined losses: integer labels, the query/key form, config.
 
     Each subclass names its query/key function (`_terms_fn`) and the options it takes
     (`_options`); the batch loss is that function with the batch as anchors and keys.
     """
 
     _terms_fn = None
-
-    def __init__(self, margin=1.0, distance="euclidean", name=None, distance_metric=None, **kwargs):
-        # `distance_metric` is TensorFlow Addons' keyword, accepted for drop-in migration.
-        if distance_metric is not None:
-            distance = distance_metric
-        self.margin = float(margin)
-        if self.margin < 0:
-            raise ValueError(f"{type(self).__name__}: margin must be >= 0, got {margin}.")
-        self.distance = canonical_distance(distance)
-        super().__init__(name=name, **kwargs)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         if sample_weight is not None:
@@ -45,7 +35,7 @@ class _BatchTripletLoss(keras.losses.Loss):
             return self.call(y_true, y_pred)
 
     def _options(self) -> dict:
-        return {"margin": self.margin, "distance": self.distance}
+        return {}
 
     def call(self, y_true, y_pred):
         labels = mining.class_ids(y_true)  # Keras may hand over float labels
@@ -59,6 +49,23 @@ class _BatchTripletLoss(keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), **self._options()}
+
+
+class _BatchTripletLoss(_QueryKeyLoss):
+    """A triplet loss: a margin and a distance (Addons' names accepted)."""
+
+    def __init__(self, margin=1.0, distance="euclidean", name=None, distance_metric=None, **kwargs):
+        # `distance_metric` is TensorFlow Addons' keyword, accepted for drop-in migration.
+        if distance_metric is not None:
+            distance = distance_metric
+        self.margin = float(margin)
+        if self.margin < 0:
+            raise ValueError(f"{type(self).__name__}: margin must be >= 0, got {margin}.")
+        self.distance = canonical_distance(distance)
+        super().__init__(name=name, **kwargs)
+
+    def _options(self) -> dict:
+        return {"margin": self.margin, "distance": self.distance}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -136,3 +143,72 @@ class TripletLoss(keras.losses.Loss):
             "distance": self.distance,
             "negative_mining": self.negative_mining,
         }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ContrastiveLoss(_QueryKeyLoss):
+    """Contrastive loss over every pair (pytorch-metric-learning's `ContrastiveLoss`)."""
+
+    _terms_fn = pairs.contrastive_terms
+
+    def __init__(self, pos_margin=0.0, neg_margin=1.0, distance="euclidean", name=None, **kwargs):
+        self.pos_margin, self.neg_margin = float(pos_margin), float(neg_margin)
+        self.distance = canonical_distance(distance)
+        super().__init__(name=name, **kwargs)
+
+    def _options(self) -> dict:
+        return {
+            "pos_margin": self.pos_margin,
+            "neg_margin": self.neg_margin,
+            "distance": self.distance,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MultiSimilarityLoss(_QueryKeyLoss):
+    """Multi-similarity loss (pytorch-metric-learning's `MultiSimilarityLoss`); with
+    `epsilon`, its pairs mined as by `MultiSimilarityMiner(epsilon)`."""
+
+    _terms_fn = pairs.multi_similarity_terms
+    distance = "cosine"  # what the loss compares; the trainer's evaluation ranks by it
+
+    def __init__(self, alpha=2.0, beta=50.0, base=0.5, epsilon=None, name=None, **kwargs):
+        self.alpha = pairs.check_positive("alpha", alpha)
+        self.beta = pairs.check_positive("beta", beta)
+        self.base = float(base)
+        self.epsilon = pairs.check_epsilon(epsilon)
+        super().__init__(name=name, **kwargs)
+
+    def _options(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, "base": self.base, "epsilon": self.epsilon}
+
+
+class _TemperatureLoss(_QueryKeyLoss):
+    distance = "cosine"  # what the loss compares; the trainer's evaluation ranks by it
+
+    def __init__(self, temperature, name=None, **kwargs):
+        self.temperature = pairs.check_positive("temperature", temperature)
+        super().__init__(name=name, **kwargs)
+
+    def _options(self) -> dict:
+        return {"temperature": self.temperature}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SupConLoss(_TemperatureLoss):
+    """Supervised contrastive loss (pytorch-metric-learning's `SupConLoss`)."""
+
+    _terms_fn = pairs.supcon_terms
+
+    def __init__(self, temperature=0.1, name=None, **kwargs):
+        super().__init__(temperature, name=name, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class NTXentLoss(_TemperatureLoss):
+    """NT-Xent / InfoNCE loss (pytorch-metric-learning's `NTXentLoss`)."""
+
+    _terms_fn = pairs.ntxent_terms
+
+    def __init__(self, temperature=0.07, name=None, **kwargs):
+        super().__init__(temperature, name=name, **kwargs)

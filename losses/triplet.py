@@ -45,6 +45,12 @@ class TripletTerms(NamedTuple):
     # per term, and anchor-negative per chosen negative (every negative for batch-all).
     positive_distances: tf.Tensor  # (n,) float32
     negative_distances: tf.Tensor  # (m,) float32
+    # A loss that is a sum of several means (contrastive: positive + negative pairs)
+    # gives each mean's sum and normalizer here, (parts,) float32 each; the loss is then
+    # sum(part_sums / part_counts) after summing both over every set of anchors, and
+    # loss_sum / count are only their totals.
+    part_sums: tf.Tensor | None = None
+    part_counts: tf.Tensor | None = None
 
 
 SCALAR_FIELDS = ("loss_sum", "count", "num_active", "num_terms")
@@ -58,12 +64,23 @@ def check_choice(name: str, value, choices) -> str:
 
 
 def normalized(terms: TripletTerms) -> tf.Tensor:
-    """loss_sum / count, 0 (not NaN) when there is nothing to normalize by."""
+    """loss_sum / count (summed over parts), 0 (not NaN) when there is nothing to
+    normalize by."""
+    if terms.part_sums is not None:
+        return tf.reduce_sum(tf.math.divide_no_nan(terms.part_sums, terms.part_counts))
     return tf.math.divide_no_nan(terms.loss_sum, terms.count)
 
 
 def _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distance):
     """Validates inputs; returns (distances, masks) of the anchors against the keys."""
+    anchors, keys, masks = validated_query_key(
+        anchors, anchor_labels, anchor_positions, keys, key_labels
+    )
+    return pairwise_distances(anchors, keys, distance), masks
+
+
+def validated_query_key(anchors, anchor_labels, anchor_positions, keys, key_labels):
+    """Checked float32 anchors and keys, and the label masks of every (anchor, key)."""
     anchors = as_float32_embeddings(anchors, "embeddings")
     keys = as_float32_embeddings(keys, "keys")
     anchor_labels = mining.check_labels(anchor_labels, "labels")
@@ -71,9 +88,7 @@ def _prepare(anchors, anchor_labels, anchor_positions, keys, key_labels, distanc
     anchor_labels, anchors = _check_batch(anchor_labels, anchors, "labels", "embeddings")
     key_labels, keys = _check_batch(key_labels, keys, "key_labels", "keys")
     key_labels = tf.cast(key_labels, anchor_labels.dtype)
-    distances = pairwise_distances(anchors, keys, distance)
-    masks = mining.label_masks(anchor_labels, anchor_positions, key_labels)
-    return distances, masks
+    return anchors, keys, mining.label_masks(anchor_labels, anchor_positions, key_labels)
 
 
 def _check_batch(labels, embeddings, labels_name, embeddings_name):

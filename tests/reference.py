@@ -21,6 +21,9 @@ def distance(u, v, name):
     raise ValueError(name)
 
 
+metric = distance  # for functions whose `distance` argument is the name
+
+
 def distance_matrix(x, name):
     n = len(x)
     return np.array([[distance(x[i], x[j], name) for j in range(n)] for i in range(n)])
@@ -75,6 +78,79 @@ def batch_all(labels, x, margin=1.0, name="euclidean", reduction="nonzero"):
                 nonzero += loss > 0
     count = nonzero if reduction == "nonzero" else valid
     return total / count if count else 0.0
+
+
+def cosine_similarity(u, v):
+    u = np.asarray(u, np.float64)
+    v = np.asarray(v, np.float64)
+    return float(np.dot(u, v) / (max(np.linalg.norm(u), 1e-12) * max(np.linalg.norm(v), 1e-12)))
+
+
+def _pairs(labels, keys_labels, positions):
+    """For each anchor a: its positive and negative key indices (never its own slot)."""
+    for a, label in enumerate(labels):
+        positives = [k for k, kl in enumerate(keys_labels) if kl == label and k != positions[a]]
+        negatives = [k for k, kl in enumerate(keys_labels) if kl != label]
+        yield a, positives, negatives
+
+
+def contrastive(labels, x, pos_margin=0.0, neg_margin=1.0, distance="euclidean", keys=None):
+    keys_x, keys_labels, positions = keys or (x, labels, range(len(x)))
+    positive_terms, negative_terms = [], []
+    for a, positives, negatives in _pairs(labels, keys_labels, positions):
+        d = {k: metric(x[a], keys_x[k], distance) for k in positives + negatives}
+        positive_terms += [max(d[p] - pos_margin, 0.0) for p in positives]
+        negative_terms += [max(neg_margin - d[n], 0.0) for n in negatives]
+    total = 0.0
+    for terms in (positive_terms, negative_terms):
+        nonzero = [t for t in terms if t > 0]
+        total += sum(nonzero) / len(nonzero) if nonzero else 0.0
+    return total
+
+
+def multi_similarity(labels, x, alpha=2.0, beta=50.0, base=0.5, epsilon=None, keys=None):
+    keys_x, keys_labels, positions = keys or (x, labels, range(len(x)))
+    total = 0.0
+    for a, positives, negatives in _pairs(labels, keys_labels, positions):
+        s = {k: cosine_similarity(x[a], keys_x[k]) for k in positives + negatives}
+        if epsilon is not None:
+            max_negative = max((s[n] for n in negatives), default=-np.inf)
+            min_positive = min((s[p] for p in positives), default=np.inf)
+            positives, negatives = (
+                [p for p in positives if s[p] - epsilon < max_negative],
+                [n for n in negatives if s[n] + epsilon > min_positive],
+            )
+        # log(1 + sum exp(v)) = logaddexp over {0} and the v's: exact in float64
+        total += np.logaddexp.reduce([0.0] + [-alpha * (s[p] - base) for p in positives]) / alpha
+        total += np.logaddexp.reduce([0.0] + [beta * (s[n] - base) for n in negatives]) / beta
+    return total / len(x)
+
+
+def supcon(labels, x, temperature=0.1, keys=None):
+    keys_x, keys_labels, positions = keys or (x, labels, range(len(x)))
+    terms = []
+    for a, positives, negatives in _pairs(labels, keys_labels, positions):
+        if not positives or not negatives:
+            continue
+        s = {k: cosine_similarity(x[a], keys_x[k]) / temperature for k in positives + negatives}
+        denominator = np.logaddexp.reduce(list(s.values()))
+        terms.append(-sum(s[p] - denominator for p in positives) / len(positives))
+    nonzero = [t for t in terms if t > 0]
+    return sum(nonzero) / len(nonzero) if nonzero else 0.0
+
+
+def ntxent(labels, x, temperature=0.07, keys=None):
+    keys_x, keys_labels, positions = keys or (x, labels, range(len(x)))
+    terms = []
+    for a, positives, negatives in _pairs(labels, keys_labels, positions):
+        s = {k: cosine_similarity(x[a], keys_x[k]) / temperature for k in positives + negatives}
+        for p in positives:
+            if not negatives:
+                terms.append(0.0)
+                continue
+            denominator = np.logaddexp.reduce([s[p]] + [s[n] for n in negatives])
+            terms.append(-(s[p] - denominator))
+    return sum(terms) / len(terms) if terms else 0.0
 
 
 def explicit_triplets(a, p, n, margin=1.0, name="euclidean", mining="semihard"):

@@ -35,6 +35,10 @@ LOSSES = {
     "soft_hard": lambda: losses.TripletHardLoss(soft=True),
     "batch_all_nonzero": lambda: losses.TripletBatchAllLoss(margin=0.5, reduction="nonzero"),
     "batch_all_all": lambda: losses.TripletBatchAllLoss(margin=0.5, reduction="all"),
+    "contrastive": lambda: losses.ContrastiveLoss(pos_margin=0.1, neg_margin=2.0),
+    "multi_similarity": lambda: losses.MultiSimilarityLoss(epsilon=0.1),
+    "supcon": lambda: losses.SupConLoss(temperature=0.2),
+    "ntxent": lambda: losses.NTXentLoss(),
 }
 
 

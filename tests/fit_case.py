@@ -19,6 +19,9 @@ MINED_LOSSES = {
     "semihard": lambda: losses.TripletSemiHardLoss(margin=0.5),
     "hard": lambda: losses.TripletHardLoss(margin=0.5),
     "batch_all": lambda: losses.TripletBatchAllLoss(margin=0.5),
+    # A loss of two means: its normalizers are summed over replicas before the backward pass.
+    "contrastive": lambda: losses.ContrastiveLoss(pos_margin=0.1, neg_margin=1.5),
+    "supcon": lambda: losses.SupConLoss(temperature=0.2),
 }
 
 

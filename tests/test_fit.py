@@ -238,6 +238,8 @@ def test_mistakes_in_compile_are_named():
         model.compile(optimizer="sgd", loss=losses.TripletHardLoss(), metrics=["accuracy"])
     with pytest.raises(TypeError, match="wraps a keras.Model"):
         GlobalMiningModel(lambda x: x)
+    with pytest.raises(ValueError, match="cannot take CrossBatchMemory.*train.cross_batch_memory"):
+        model.compile(loss=losses.CrossBatchMemory(losses.SupConLoss(), memory_size=64))
 
 
 def test_the_readme_example_runs_as_written(tmp_path):
@@ -248,7 +250,11 @@ def test_the_readme_example_runs_as_written(tmp_path):
     script.write_text(code)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -33,9 +33,7 @@ def projector(logdir: str, embeddings: np.ndarray, source, max_points: int = 100
     folder = os.path.join(logdir, "projector")
     os.makedirs(folder, exist_ok=True)
     rows = np.linspace(0, len(embeddings) - 1, min(len(embeddings), max_points)).astype(int)
-    np.savetxt(
-        os.path.join(folder, "embeddings.tsv"), embeddings[rows], delimiter="\t", fmt="%.6g"
-    )
+    np.savetxt(os.path.join(folder, "embeddings.tsv"), embeddings[rows], delimiter="\t", fmt="%.6g")
     with open(os.path.join(folder, "metadata.tsv"), "w") as f:
         f.write("label\tclass\n")
         for label in source.labels[rows]:

@@ -26,7 +26,9 @@ from trainer.train_step import METRICS, metrics_vector, replica_step
 
 PACKAGE = "metric_trainer"
 # The step's figures in fit's logs, History and callbacks (each the mean over the epoch).
-FIT_METRICS = tuple(name for name in METRICS if name != "finite_gradients")
+# The memory is the trainer's (train.cross_batch_memory); fit has none to report.
+FIT_METRICS = tuple(m for m in METRICS if m not in ("finite_gradients", "memory_negative_fraction"))
+_FIT_INDEX = [METRICS.index(m) for m in FIT_METRICS]
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -57,12 +59,16 @@ class GlobalMiningModel(keras.Model):
     def metrics(self):
         return [self._means]
 
-    def compile(
-        self, optimizer="rmsprop", loss=None, metrics=None, jit_compile="auto", **kwargs
-    ):
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, jit_compile="auto", **kwargs):
         """Keras' compile, for a loss of `losses` with a query/key form. The step runs
         without XLA: Keras' 'auto' would choose it on one GPU, and it cannot compile the
         mining (nor Horovod's collectives, which have no XLA kernels in this build)."""
+        if hasattr(loss, "memory_size"):
+            raise ValueError(
+                "GlobalMiningModel cannot take CrossBatchMemory: its memory would hold each "
+                "replica's own slice. Compile the wrapped loss, or use the training job's "
+                "memory of global batches (train.cross_batch_memory)."
+            )
         if not callable(getattr(loss, "terms", None)):
             raise ValueError(
                 f"GlobalMiningModel needs a loss that can be mined over a batch (a class of "
@@ -139,7 +145,7 @@ class GlobalMiningModel(keras.Model):
         return self.replicas.rows_from_static_shape(tf.TensorShape(labels.shape)[0])
 
     def _logged(self, metrics) -> dict:
-        self._means.update_state(metrics[: len(FIT_METRICS)])
+        self._means.update_state(tf.gather(metrics, _FIT_INDEX))
         logs = dict(zip(FIT_METRICS, tf.unstack(self._means.result()), strict=True))
         if self.replicas.name == "multi_worker":
             # Keras 3 averages the logs of MultiWorkerMirroredStrategy's replicas along
@@ -169,9 +175,7 @@ class GlobalMiningModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["embedding_model"] = keras.saving.deserialize_keras_object(
-            config["embedding_model"]
-        )
+        config["embedding_model"] = keras.saving.deserialize_keras_object(config["embedding_model"])
         return cls(**config)
 
 

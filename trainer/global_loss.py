@@ -35,6 +35,7 @@ STATS = (
     "terms",  # all terms
     "remote_negatives",  # chosen negatives owned by another replica
     "chosen_negatives",  # terms that chose a negative
+    "memory_negatives",  # chosen negatives from the cross-batch memory
     "norm_sum",  # sum of embedding L2 norms
     "rows",  # examples
     "positive_distance_sum",  # anchor-positive distances of the terms
@@ -64,6 +65,7 @@ def loss_and_gradients(
     cross_replica_mining=True,
     scale_loss=None,
     replica_rows=None,
+    memory=None,
 ) -> StepResult:
     """Runs inside `Replicas.run`: embeds this replica's slice, mines, differentiates.
 
@@ -71,7 +73,8 @@ def loss_and_gradients(
     maps inputs to embeddings (the model in training mode). `scale_loss` (mixed float16:
     the loss-scale optimizer's) scales what is differentiated; the optimizer unscales.
     `replica_rows` (rows held by each replica, in order; a Python tuple) lets the
-    backend gather without first exchanging the row counts.
+    backend gather without first exchanging the row counts. `memory` (a
+    trainer.memory.KeyMemory) adds past global batches to the keys, and takes this one.
     """
     with tf.GradientTape() as tape:
         embeddings = tf.cast(embed(inputs), tf.float32)  # mining is float32 anyway
@@ -79,8 +82,8 @@ def loss_and_gradients(
         if cross_replica_mining:
             carrier = tf.zeros([tf.shape(embeddings)[0], len(STATS)])
             tape.watch(carrier)
-        mined = _mine(loss, replicas, embeddings, labels, carrier, replica_rows)
-        terms = mined.terms
+        mined = _mine(loss, replicas, embeddings, labels, carrier, replica_rows, memory)
+        terms = _parts_normalized(mined, replicas, cross_replica_mining)
         local = tf.stop_gradient(_local_stats(terms, mined, embeddings, replicas.size))
         target = terms.loss_sum if scale_loss is None else scale_loss(terms.loss_sum)
         if mined.carrier is not None:
@@ -117,7 +120,8 @@ def loss_and_statistics(
     # No statistics ride on the gather when nothing flows back: a zero-width carrier.
     carrier = tf.zeros([tf.shape(embeddings)[0], 0]) if cross_replica_mining else None
     mined = _mine(loss, replicas, embeddings, labels, carrier, replica_rows)
-    local = _local_stats(mined.terms, mined, embeddings, replicas.size)
+    terms = _parts_normalized(mined, replicas, cross_replica_mining)
+    local = _local_stats(terms, mined, embeddings, replicas.size)
     stats = dict(zip(STATS, tf.unstack(replicas.all_reduce_sum(local)), strict=True))
     return _loss_value(stats, cross_replica_mining), stats
 
@@ -132,16 +136,38 @@ def _loss_value(stats: dict, cross_replica_mining: bool) -> tf.Tensor:
 
 class Mined(NamedTuple):
     terms: object  # losses.TripletTerms of this replica's anchors
-    owner: tf.Tensor  # (keys,) int32: the replica that owns each key
+    owner: tf.Tensor  # (keys,) int32: the replica that owns each key (-1: the memory)
     me: tf.Tensor  # this replica's index
     carrier: tf.Tensor | None  # (rows, len(STATS)) zeros this replica sent along
     carrier_keys: tf.Tensor | None  # (keys, len(STATS)) the gathered carrier columns
 
 
+def _parts_normalized(mined: Mined, replicas: Replicas, cross_replica_mining: bool):
+    """The terms of a loss made of several means (their own normalizers, such as the
+    contrastive loss's positive and negative pairs), normalized before differentiating.
+
+    The parts' counts are summed over replicas first (one small all-reduce, only for
+    such losses), then loss_sum is this replica's share of the global loss itself, and
+    the global normalizer is 1: held by replica 0 alone, so that it sums to 1. With
+    per-replica mining each replica normalizes by its own counts. Other losses pass.
+    """
+    terms = mined.terms
+    if terms.part_sums is None:
+        return terms
+    counts = terms.part_counts
+    if cross_replica_mining:
+        counts = replicas.all_reduce_sum(counts)
+    # A part with no non-zero term has a zero sum: dividing it by 1 keeps it 0.
+    loss_sum = tf.reduce_sum(terms.part_sums / tf.maximum(counts, 1.0))
+    count = tf.cast(tf.equal(mined.me, 0), tf.float32) if cross_replica_mining else 1.0
+    return terms._replace(loss_sum=loss_sum, count=tf.convert_to_tensor(count))
+
+
 def _local_stats(terms, mined: Mined, embeddings, num_replicas) -> tf.Tensor:
     """This replica's share of every entry of STATS, as one vector."""
     chosen = terms.negative_index[terms.negative_index >= 0]
-    remote = tf.cast(tf.gather(mined.owner, chosen) != mined.me, tf.float32)
+    chosen_owner = tf.gather(mined.owner, chosen)
+    remote = tf.cast((chosen_owner != mined.me) & (chosen_owner >= 0), tf.float32)
     local = {
         "loss_sum": terms.loss_sum,
         "count": terms.count,
@@ -150,6 +176,7 @@ def _local_stats(terms, mined: Mined, embeddings, num_replicas) -> tf.Tensor:
         "terms": terms.num_terms,
         "remote_negatives": tf.reduce_sum(remote),
         "chosen_negatives": tf.cast(tf.size(chosen), tf.float32),
+        "memory_negatives": tf.reduce_sum(tf.cast(chosen_owner < 0, tf.float32)),
         "norm_sum": tf.reduce_sum(tf.norm(embeddings, axis=1)),
         "rows": tf.cast(tf.shape(embeddings)[0], tf.float32),
         "positive_distance_sum": tf.reduce_sum(terms.positive_distances),
@@ -160,9 +187,9 @@ def _local_stats(terms, mined: Mined, embeddings, num_replicas) -> tf.Tensor:
     return tf.stack([tf.cast(local[k], tf.float32) for k in STATS])
 
 
-def _mine(loss, replicas: Replicas, embeddings, labels, carrier, replica_rows):
+def _mine(loss, replicas: Replicas, embeddings, labels, carrier, replica_rows, memory=None):
     """This replica's anchors against the keys: all replicas' rows (gathered with the
-    `carrier` columns), or with `carrier=None` its own rows only."""
+    `carrier` columns) then the memory's, or with `carrier=None` its own rows only."""
     labels = tf.cast(class_ids(labels), tf.int32)  # fit may hand over float labels
     local_rows = tf.shape(embeddings)[0]
     me = tf.cast(replicas.replica_index(), tf.int32)
@@ -176,6 +203,12 @@ def _mine(loss, replicas: Replicas, embeddings, labels, carrier, replica_rows):
     # the keys is the number of rows owned by lower-indexed replicas.
     first = tf.reduce_sum(tf.cast(owner < me, tf.int32))
     positions = first + tf.range(local_rows)
+    if memory is not None:
+        past, past_labels = memory.keys()  # read before this batch is pushed
+        memory.push(keys, key_labels)
+        keys = tf.concat([keys, past], axis=0)
+        key_labels = tf.concat([key_labels, past_labels], axis=0)
+        owner = tf.concat([owner, -tf.ones_like(past_labels)], axis=0)
     terms = loss.terms(embeddings, labels, positions, keys, key_labels)
     return Mined(terms, owner, me, carrier, carrier_keys)
 

@@ -12,6 +12,7 @@ import gin
 import keras
 
 from data.errors import InputError
+from trainer.memory import KeyMemory
 from trainer.model import sync_batchnorm
 from trainer.train_step import TrainStep
 
@@ -50,6 +51,13 @@ class Learner:
     optimizer: keras.optimizers.Optimizer
     schedule: object  # step -> learning rate, for the logs
     step_fn: TrainStep  # one step on every replica, the loss mined over the global batch
+    memory: KeyMemory | None = None  # past global batches, mined as extra keys
+
+    @property
+    def state(self) -> list:
+        """Every variable a checkpoint or an elastic commit keeps and a start broadcasts."""
+        memory = self.memory.state if self.memory is not None else []
+        return [*self.model.variables, *self.optimizer.variables, *memory]
 
 
 def build_learner(
@@ -67,10 +75,12 @@ def build_learner(
     steps: int,
     seed: int,
     say,
+    cross_batch_memory: int = 0,
 ) -> Learner:
     """`model()` under `precision`, seeded, with the named optimizer on the warm-up/cosine
     schedule. `nonfinite='skip'` wraps the optimizer in a loss-scale optimizer of scale 1,
-    whose skipping of non-finite steps is what 'skip' needs."""
+    whose skipping of non-finite steps is what 'skip' needs. `cross_batch_memory` > 0
+    keeps that many examples of past global batches as extra keys."""
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(seed)
     base_rate = learning_rate * (replicas.size if scale_learning_rate else 1)
@@ -90,5 +100,18 @@ def build_learner(
             opt = keras.optimizers.LossScaleOptimizer(
                 opt, initial_scale=1.0, dynamic_growth_steps=2**31 - 1
             )
-    step_fn = TrainStep(embedding_model, opt, loss, replicas, cross_replica_mining)
-    return Learner(embedding_model, opt, schedule, step_fn)
+        memory = None
+        if cross_batch_memory:
+            memory = KeyMemory(cross_batch_memory, _embedding_width(embedding_model))
+    step_fn = TrainStep(embedding_model, opt, loss, replicas, cross_replica_mining, memory)
+    return Learner(embedding_model, opt, schedule, step_fn, memory)
+
+
+def _embedding_width(model) -> int:
+    width = model.output_shape[-1] if model.built else None
+    if not isinstance(width, int):
+        raise InputError(
+            "train.cross_batch_memory needs a model whose embedding width is known once "
+            f"built; {model.name} gives output shape {getattr(model, 'output_shape', None)}."
+        )
+    return width

@@ -26,7 +26,16 @@ from trainer.model import digits_convnet
 from trainer.outputs import Outputs, duration, final_summary, open_outputs, write_results
 from trainer.preemption import StopRequest
 
-MINED_LOSSES = ("TripletSemiHardLoss", "TripletHardLoss", "TripletBatchAllLoss")
+MEMORY_TAG = "memory_negative_fraction"  # written only with train.cross_batch_memory
+MINED_LOSSES = (
+    "TripletSemiHardLoss",
+    "TripletHardLoss",
+    "TripletBatchAllLoss",
+    "ContrastiveLoss",
+    "MultiSimilarityLoss",
+    "SupConLoss",
+    "NTXentLoss",
+)
 
 
 @gin.configurable("train", denylist=["workdir", "replicas", "assembled"])
@@ -41,6 +50,7 @@ def train(
     eval_every: int = 50,
     loss=None,
     cross_replica_mining: bool = True,
+    cross_batch_memory: int = 0,
     examples_per_class: int = 16,
     train_data=None,
     eval_data=None,
@@ -109,6 +119,7 @@ def train(
         steps,
         seed,
         say,
+        cross_batch_memory,
     )
     if assembled is not None:
         assembled()  # every configurable has been built: nothing more will read a binding
@@ -127,7 +138,8 @@ def train(
     say(
         f"replicas: {replicas.size} ({replicas.name}), global batch {global_batch_size} = "
         f"{data.sampler.classes_per_batch} classes × {examples_per_class}, "
-        f"{'global' if cross_replica_mining else 'per-replica'} mining, "
+        f"{'global' if cross_replica_mining else 'per-replica'} mining"
+        f"{f' with a memory of {cross_batch_memory:,}' if cross_batch_memory else ''}, "
         f"{learner.model.count_params():,} parameters"
     )
     if outputs.first_step:
@@ -254,9 +266,22 @@ def _check_settings(s: dict, replicas) -> None:
         s["precision"] in PRECISIONS,
         f"Unknown train.precision {s['precision']!r}; valid: {PRECISIONS}.",
     )
+    memory = s["cross_batch_memory"]
+    _check(memory >= 0, f"train.cross_batch_memory must be >= 0 (0: off), got {memory}.")
+    _check(
+        not (memory and not s["cross_replica_mining"]),
+        "train.cross_batch_memory holds past global batches, so it needs "
+        "train.cross_replica_mining=True.",
+    )
 
 
 def _check_minable(loss) -> None:
+    _check(
+        not hasattr(loss, "memory_size"),
+        "train.loss = CrossBatchMemory keeps one device's memory; the job's memory of "
+        "past global batches is train.cross_batch_memory = M, with the wrapped loss as "
+        "train.loss.",
+    )
     _check(
         callable(getattr(loss, "terms", None)),
         f"train.loss = {type(loss).__name__} cannot be mined over a batch (it takes explicit "
@@ -345,7 +370,7 @@ def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
     last commit (in memory), with the step and evaluation retraced for the new ranks."""
     from trainer import elastic  # imports Horovod
 
-    variables = [*job.learner.model.variables, *job.learner.optimizer.variables]
+    variables = job.learner.state
     state = elastic.TrainingState(job.replicas, variables, step=job.outputs.first_step)
 
     def commit(step: int) -> None:
@@ -401,9 +426,7 @@ def _check_finite(job: _Job, metrics: dict, step: int) -> int:
     finite_loss = np.isfinite(metrics["loss"])
     if finite_loss and metrics["finite_gradients"]:
         return 0
-    skipping = job.learner.step_fn.skips_nonfinite and (
-        finite_loss or job.cadence.skip_nonfinite
-    )
+    skipping = job.learner.step_fn.skips_nonfinite and (finite_loss or job.cadence.skip_nonfinite)
     if skipping:
         return 1
     what = "loss" if not finite_loss else "gradient"
@@ -416,7 +439,8 @@ def _check_finite(job: _Job, metrics: dict, step: int) -> int:
 
 def _log_step(job: _Job, step: int, metrics: dict, rate: float, skipped: int) -> None:
     step_fn = job.learner.step_fn
-    scalars = {f"train/{k}": v for k, v in metrics.items() if k != "finite_gradients"}
+    unwritten = ("finite_gradients",) if step_fn.memory else ("finite_gradients", MEMORY_TAG)
+    scalars = {f"train/{k}": v for k, v in metrics.items() if k not in unwritten}
     scalars["train/learning_rate"] = float(job.learner.schedule(step - 1))  # this step's rate
     scalars["train/examples_per_second"] = rate
     scalars["train/replicas"] = job.replicas.size
@@ -430,12 +454,12 @@ def _log_step(job: _Job, step: int, metrics: dict, rate: float, skipped: int) ->
 def _print_progress(job: _Job, step: int, metrics: dict, rate: float, compiling: bool) -> None:
     c = job.cadence
     left = (c.steps - step) * c.global_batch_size / max(rate, 1e-9)
-    pace = (
-        "(includes compiling)" if compiling else f"{rate:,.0f} examples/s  {duration(left)} left"
-    )
+    pace = "(includes compiling)" if compiling else f"{rate:,.0f} examples/s  {duration(left)} left"
     job.say(
         f"step {step:>6}/{c.steps}  loss {metrics['loss']:.4f}  "
         f"active {metrics['active_triplet_fraction']:.3f}  "
-        f"remote negatives {metrics['cross_replica_negative_fraction']:.2f}  {pace}",
+        f"remote negatives {metrics['cross_replica_negative_fraction']:.2f}  "
+        + (f"memory negatives {metrics[MEMORY_TAG]:.2f}  " if job.learner.memory else "")
+        + pace,
         flush=True,
     )

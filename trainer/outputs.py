@@ -94,10 +94,9 @@ def open_outputs(
         keep_checkpoints,
         model=learner.model,
         optimizer=learner.optimizer,
+        **({"memory": learner.memory} if learner.memory is not None else {}),
     )
-    first_step = checkpoints.restore(
-        [*learner.model.variables, *learner.optimizer.variables], broadcast=not replicas.elastic
-    )
+    first_step = checkpoints.restore(learner.state, broadcast=not replicas.elastic)
     summaries = Summaries(workdir, enabled=replicas.is_chief)
     if data.corrupt:
         summaries.scalars(first_step, {"data/skipped_corrupt_images": data.corrupt})

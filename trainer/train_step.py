@@ -16,6 +16,7 @@ METRICS = (
     "negative_distance",  # mean anchor-negative distance of the chosen negatives
     "embedding_norm",  # mean L2 norm of the embeddings
     "cross_replica_negative_fraction",  # chosen negatives owned by another replica
+    "memory_negative_fraction",  # chosen negatives from the cross-batch memory
     "finite_gradients",  # 1 when every gradient entry is finite
 )
 
@@ -29,6 +30,7 @@ def replica_step(
     labels,
     cross_replica_mining: bool = True,
     replica_rows=None,
+    memory=None,
 ):
     """One replica's part of a training step, inside `Replicas.run` (or a Keras
     `train_step`): the loss mined over the global batch, the update, and the global
@@ -45,6 +47,7 @@ def replica_step(
         cross_replica_mining,
         optimizer.scale_loss if is_scaled else None,
         replica_rows,
+        memory,
     )
     grads = result.grads
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
@@ -69,6 +72,7 @@ def metrics_vector(loss_value, stats: dict, finite) -> tf.Tensor:
             tf.math.divide_no_nan(s["negative_distance_sum"], s["negative_pairs"]),
             tf.math.divide_no_nan(s["norm_sum"], s["rows"]),
             tf.math.divide_no_nan(s["remote_negatives"], s["chosen_negatives"]),
+            tf.math.divide_no_nan(s["memory_negatives"], s["chosen_negatives"]),
             tf.cast(finite, tf.float32),
         ]
     )
@@ -90,10 +94,12 @@ class TrainStep:
         loss,
         replicas: Replicas,
         cross_replica_mining: bool = True,
+        memory=None,
     ):
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.replicas = replicas
         self.cross_replica_mining = cross_replica_mining
+        self.memory = memory  # trainer.memory.KeyMemory, or None
         with replicas.scope():
             optimizer.build(model.trainable_variables)
         self.retrace()
@@ -116,6 +122,7 @@ class TrainStep:
             labels,
             self.cross_replica_mining,
             replica_rows,
+            self.memory,
         )
         return metrics, terms.positive_distances, terms.negative_distances
 

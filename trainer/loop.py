@@ -375,6 +375,9 @@ def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
 
     def commit(step: int) -> None:
         if step % commit_every == 0:
+            # The steps up to a commit are never trained again: their TensorBoard events
+            # must not sit in the chief's buffer, lost if the chief dies now.
+            job.outputs.summaries.flush()
             state.step = step
             state.commit()  # also where a worker waiting to join is let in
 

@@ -40,6 +40,14 @@ LOSSES = {
     "supcon": lambda: losses.SupConLoss(temperature=0.2),
     "ntxent": lambda: losses.NTXentLoss(),
 }
+PAIR_LOSSES = ("contrastive", "multi_similarity", "supcon", "ntxent")
+
+
+def row_modes(loss_name) -> tuple:
+    """known_rows values to test: the row exchange does not depend on the loss, so the
+    triplet losses try both paths and the pair-based ones the trainer's (rows known),
+    which keeps the suite's time down."""
+    return (True,) if loss_name in PAIR_LOSSES else (False, True)
 
 
 def global_batch(size=24, classes=6, dim=6, seed=0):

@@ -21,7 +21,6 @@ MINED_LOSSES = {
     "batch_all": lambda: losses.TripletBatchAllLoss(margin=0.5),
     # A loss of two means: its normalizers are summed over replicas before the backward pass.
     "contrastive": lambda: losses.ContrastiveLoss(pos_margin=0.1, neg_margin=1.5),
-    "supcon": lambda: losses.SupConLoss(temperature=0.2),
 }
 
 

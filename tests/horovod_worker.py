@@ -1,25 +1,27 @@
 """Run under horovodrun: one replicated step per loss; rank 0 writes the numbers.
 
-horovodrun -np N python -m tests.horovod_worker OUT.npz [global_batch_size]
+horovodrun -np N python -m tests.horovod_worker OUT.npz [LOSS,LOSS,...]
+(default: every loss of tests.cross_replica_case.LOSSES)
 """
 
 import sys
 
 import numpy as np
 
-from tests.cross_replica_case import LOSSES, build_model, global_batch, replicated_step
+from tests.cross_replica_case import LOSSES, build_model, global_batch, replicated_step, row_modes
 from trainer.replicas import make_replicas
 
 
-def main(out, size=24):
+def main(out, names=None):
     replicas = make_replicas("horovod")
-    x, labels = global_batch(size)
+    x, labels = global_batch()
     weights = build_model(x.shape[1]).get_weights()
     if replicas.rank != 0:  # start from different weights: broadcast must fix them
         weights = [w + 1.0 for w in weights]
     results = {}
-    for name, make_loss in LOSSES.items():
-        for known_rows in (False, True):  # row counts exchanged, or given by the trainer
+    for name in names.split(",") if names else LOSSES:
+        make_loss = LOSSES[name]
+        for known_rows in row_modes(name):  # row counts exchanged, or given by the trainer
             loss_value, grads, _ = replicated_step(
                 replicas, make_loss(), weights, x, labels, known_rows=known_rows
             )
@@ -33,4 +35,4 @@ def main(out, size=24):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *(int(a) for a in sys.argv[2:]))
+    main(*sys.argv[1:])

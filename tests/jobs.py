@@ -28,6 +28,29 @@ SHORT_JOB = (
 )
 
 
+# A job that checkpoints at step 3 and logs every step, on one device: for resume tests.
+RESUMABLE_JOB = (
+    "distribute.strategy='single'",
+    "train.log_every=1",
+    "train.checkpoint_every=3",
+    "train.eval_every=1000",
+    "train.export_model=False",
+)
+
+
+def straight_and_resumed(folder, params=(), steps=6, stop_after=3):
+    """Runs `params` for `steps` in one go (folder/straight), and stopped after
+    `stop_after` steps then restarted (folder/stopped). Returns both workdirs and the
+    output of the stopped run and the restart."""
+    straight, stopped = folder / "straight", folder / "stopped"
+    run_job(straight, params + (f"train.steps={steps}",))
+    cut = run_job(
+        stopped, params + (f"train.steps={steps}", f"train.stop_after_steps={stop_after}")
+    )
+    resumed = run_job(stopped, params + (f"train.steps={steps}",))
+    return straight, stopped, cut.stdout, resumed.stdout
+
+
 def job_command(workdir, params=(), launcher=(), extra=()) -> list[str]:
     """`python -m trainer.main` (or a launch script) with `--gin_param`s."""
     command = [*launcher] if launcher else [sys.executable, "-m", "trainer.main"]

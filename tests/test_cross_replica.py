@@ -12,10 +12,12 @@ import tensorflow as tf
 import losses
 from tests.cross_replica_case import (
     LOSSES,
+    PAIR_LOSSES,
     build_model,
     global_batch,
     mirrored,
     replicated_step,
+    row_modes,
     single_device_step,
 )
 from trainer.global_loss import loss_and_gradients
@@ -37,13 +39,10 @@ def assert_same_step(single, replicated):
         assert np.linalg.norm(np.asarray(gn, np.float64) - g1) <= TOLERANCE * scale
 
 
-# The row exchange does not depend on the loss: the triplet losses try both paths, the
-# pair-based ones the trainer's (rows known), which keeps the suite's time down.
-PAIR_LOSSES = ("contrastive", "multi_similarity", "supcon", "ntxent")
 LOSS_ROWS = [
     pytest.param(name, known, id=f"{name}-{'rows_known' if known else 'rows_exchanged'}")
     for name in LOSSES
-    for known in ((True,) if name in PAIR_LOSSES else (True, False))
+    for known in row_modes(name)
 ]
 
 
@@ -119,6 +118,10 @@ def test_global_mining_sees_negatives_of_other_replicas():
     assert global_remote == 1.0 and local_remote == 0.0
 
 
+# Two workers run every loss; three (a ring of another size) the triplet ones.
+WORKER_LOSSES = {2: list(LOSSES), 3: [name for name in LOSSES if name not in PAIR_LOSSES]}
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_horovod_workers_equal_single_device(workers, tmp_path):
     out = tmp_path / "result.npz"
@@ -134,6 +137,7 @@ def test_horovod_workers_equal_single_device(workers, tmp_path):
         "-m",
         "tests.horovod_worker",
         str(out),
+        ",".join(WORKER_LOSSES[workers]),
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -141,10 +145,10 @@ def test_horovod_workers_equal_single_device(workers, tmp_path):
     assert int(result["size"]) == workers
     x, labels = global_batch()
     weights = build_model(x.shape[1]).get_weights()
-    for name, make_loss in LOSSES.items():
-        loss_1, grads_1 = single_device_step(make_loss(), weights, x, labels)
-        for rows in ("exchanged", "known"):
-            key = f"{name}/{rows}"
+    for name in WORKER_LOSSES[workers]:
+        loss_1, grads_1 = single_device_step(LOSSES[name](), weights, x, labels)
+        for known in row_modes(name):
+            key = f"{name}/{'known' if known else 'exchanged'}"
             grads_n = [result[f"{key}/grad{i}"] for i in range(len(grads_1))]
             assert_same_step((loss_1, grads_1), (float(result[f"{key}/loss"]), grads_n))
 

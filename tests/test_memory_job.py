@@ -2,16 +2,28 @@
 TensorBoard, checkpointed (a restarted job resumes with the same memory), refused where
 it cannot work. Each test runs `python -m trainer.main` as users do."""
 
+import os
+
 import numpy as np
 import pytest
 
-from tests.jobs import HOROVOD_2, SHORT_JOB, run_job, scalars, series
+from tests.jobs import (
+    HOROVOD_2,
+    RESUMABLE_JOB,
+    ROOT,
+    SHORT_JOB,
+    run_job,
+    scalars,
+    series,
+    straight_and_resumed,
+)
 
 MEMORY = ("train.cross_batch_memory=96",)  # 1.5 global batches: it fills, then drops
 BACKENDS = {
     "single": ((), ("distribute.strategy='single'",)),
     "mirrored2": ((), ("distribute.strategy='mirrored'", "distribute.cpu_replicas=2")),
     "horovod2": (HOROVOD_2, ("distribute.strategy='horovod'",)),
+    "multi_worker2": ((os.path.join(ROOT, "launch", "multi_worker.sh"), "local", "2"), ()),
 }
 
 
@@ -33,7 +45,7 @@ def memory_runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("backend", ["mirrored2", "horovod2"])
+@pytest.mark.parametrize("backend", ["mirrored2", "horovod2", "multi_worker2"])
 def test_memory_job_equals_single_device(memory_runs, backend):
     single, other = memory_runs["single"]["loss"], memory_runs[backend]["loss"]
     assert len(single) == len(other) == 6
@@ -58,22 +70,13 @@ def test_the_memory_supplies_negatives_and_changes_the_loss(memory_runs):
 
 
 def test_restart_resumes_with_the_same_memory(tmp_path):
-    params = (
-        "distribute.strategy='single'",
-        "train.log_every=1",
-        "train.checkpoint_every=3",
-        "train.eval_every=1000",
-        "train.export_model=False",
+    params = RESUMABLE_JOB + (
         "train.global_batch_size=64",
         "train.loss=@MultiSimilarityLoss()",
         *MEMORY,
     )
-    straight = tmp_path / "straight"
-    run_job(straight, params + ("train.steps=6",))
-    stopped = tmp_path / "stopped"
-    run_job(stopped, params + ("train.steps=6", "train.stop_after_steps=3"))
-    resumed = run_job(stopped, params + ("train.steps=6",))
-    assert "at step 3" in resumed.stdout
+    straight, stopped, _, resumed = straight_and_resumed(tmp_path, params)
+    assert "at step 3" in resumed
     expected, got = scalars(straight, "train/loss"), scalars(stopped, "train/loss")
     for step in (4, 5, 6):
         np.testing.assert_allclose(got[step], expected[step], rtol=1e-5)
@@ -81,13 +84,6 @@ def test_restart_resumes_with_the_same_memory(tmp_path):
     fraction = scalars(stopped, "train/memory_negative_fraction")
     assert fraction[4] == pytest.approx(scalars(straight, "train/memory_negative_fraction")[4])
     assert fraction[4] > 0
-    # A checkpoint without memory is not silently resumed with an empty one.
-    plain = tmp_path / "plain"
-    plain_params = tuple(p for p in params if p not in MEMORY)
-    run_job(plain, plain_params + ("train.steps=3",))
-    refused = run_job(plain, params + ("train.steps=6",), check=False)
-    assert refused.returncode == 2
-    assert "incompatible configuration" in refused.stderr
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.jobs import HOROVOD_2, ROOT, SHORT_JOB, read_events, run_job, scalars, series
+from tests.jobs import (
+    HOROVOD_2,
+    RESUMABLE_JOB,
+    ROOT,
+    SHORT_JOB,
+    read_events,
+    run_job,
+    scalars,
+    series,
+    straight_and_resumed,
+)
 
 MULTI_WORKER_2 = (os.path.join(ROOT, "launch", "multi_worker.sh"), "local", "2")
 
@@ -137,20 +147,9 @@ def test_outputs_operative_config_results_projector_and_saved_model(finished_job
 
 
 def test_restart_with_the_same_workdir_resumes_where_it_stopped(tmp_path):
-    params = (
-        "distribute.strategy='single'",
-        "train.log_every=1",
-        "train.checkpoint_every=3",
-        "train.eval_every=1000",
-        "train.export_model=False",
-    )
-    straight = tmp_path / "straight"
-    run_job(straight, params + ("train.steps=6",))
-    stopped = tmp_path / "stopped"
-    cut = run_job(stopped, params + ("train.steps=6", "train.stop_after_steps=3"))
-    assert "stopped at step 3 of 6" in cut.stdout
-    resumed = run_job(stopped, params + ("train.steps=6",))
-    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    straight, stopped, cut, resumed = straight_and_resumed(tmp_path, RESUMABLE_JOB)
+    assert "stopped at step 3 of 6" in cut
+    assert "resumed from" in resumed and "at step 3" in resumed
     expected, got = scalars(straight, "train/loss"), scalars(stopped, "train/loss")
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):

@@ -23,6 +23,7 @@ bench: install
 	$(PYTHON) -m bench.fit
 	$(PYTHON) -m bench.elastic
 	$(PYTHON) -m bench.scale
+	$(PYTHON) -m bench.quality
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

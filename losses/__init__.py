@@ -45,7 +45,20 @@ from losses.triplet import (
     triplet_semihard_loss,
 )
 
+# The Keras loss classes a configuration can name (the trainer registers them with gin).
+LOSS_CLASSES = (
+    TripletSemiHardLoss,
+    TripletHardLoss,
+    TripletBatchAllLoss,
+    TripletLoss,
+    ContrastiveLoss,
+    MultiSimilarityLoss,
+    SupConLoss,
+    NTXentLoss,
+)
+
 __all__ = [
+    "LOSS_CLASSES",
     "ContrastiveLoss",
     "CrossBatchMemory",
     "MultiSimilarityLoss",

@@ -12,25 +12,7 @@ import trainer.learner  # noqa: F401  (learning_rate_schedule.*)
 import trainer.loop  # noqa: F401  (train.*)
 import trainer.model  # noqa: F401  (digits_convnet, backbone_embedding)
 import trainer.replicas  # noqa: F401  (distribute.*)
-from losses import (
-    ContrastiveLoss,
-    MultiSimilarityLoss,
-    NTXentLoss,
-    SupConLoss,
-    TripletBatchAllLoss,
-    TripletHardLoss,
-    TripletLoss,
-    TripletSemiHardLoss,
-)
+from losses import LOSS_CLASSES
 
-for _loss in (
-    TripletSemiHardLoss,
-    TripletHardLoss,
-    TripletBatchAllLoss,
-    TripletLoss,
-    ContrastiveLoss,
-    MultiSimilarityLoss,
-    SupConLoss,
-    NTXentLoss,
-):
+for _loss in LOSS_CLASSES:
     gin.external_configurable(_loss)

@@ -19,7 +19,7 @@ import numpy as np
 
 from data.errors import InputError
 from data.pipeline import listed, train_batches, unreadable
-from losses import TripletSemiHardLoss
+from losses import LOSS_CLASSES, TripletSemiHardLoss
 from trainer.job_data import JobData, load_data
 from trainer.learner import OPTIMIZERS, PRECISIONS, Learner, build_learner
 from trainer.model import digits_convnet
@@ -27,15 +27,7 @@ from trainer.outputs import Outputs, duration, final_summary, open_outputs, writ
 from trainer.preemption import StopRequest
 
 MEMORY_TAG = "memory_negative_fraction"  # written only with train.cross_batch_memory
-MINED_LOSSES = (
-    "TripletSemiHardLoss",
-    "TripletHardLoss",
-    "TripletBatchAllLoss",
-    "ContrastiveLoss",
-    "MultiSimilarityLoss",
-    "SupConLoss",
-    "NTXentLoss",
-)
+MINED_LOSSES = tuple(c.__name__ for c in LOSS_CLASSES if hasattr(c, "terms"))
 
 
 @gin.configurable("train", denylist=["workdir", "replicas", "assembled"])

@@ -169,8 +169,7 @@ def main(argv=None):
     ratios = {n: t2[n] / base for n in names[1:]}
     print(f"      pairwise distances {base * 1e3:8.1f} ms", flush=True)
     for n in names[1:]:
-        target = "  (target <= 5x)" if n == "semihard" else "  (target <= 3x)"
-        target = "" if n == "hard" else target
+        target = {"semihard": "  (target <= 5x)", "hard": ""}.get(n, "  (target <= 3x)")
         print(f"      {n:<18} {t2[n] * 1e3:8.1f} ms   ratio {ratios[n]:5.2f}x{target}", flush=True)
 
     memory_size, memory_batch = (4096, 256) if args.quick else (16384, 1024)

@@ -17,14 +17,9 @@ from losses.distances import canonical_distance
 PACKAGE = "metric_trainer"
 
 
-class _QueryKeyLoss(keras.losses.Loss):
-    """Common plumbing of the mined losses: integer labels, the query/key form, config.
-
-    Each subclass names its query/key function (`_terms_fn`) and the options it takes
-    (`_options`); the batch loss is that function with the batch as anchors and keys.
-    """
-
-    _terms_fn = None
+class WholeBatchLoss(keras.losses.Loss):
+    """A loss that is one number for the whole batch: `call` gets the labels as given
+    (Keras' `__call__` would cast them to float), and `sample_weight` is refused."""
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         if sample_weight is not None:
@@ -33,6 +28,16 @@ class _QueryKeyLoss(keras.losses.Loss):
             )
         with tf.name_scope(self.name or type(self).__name__):
             return self.call(y_true, y_pred)
+
+
+class _QueryKeyLoss(WholeBatchLoss):
+    """Common plumbing of the mined losses: integer labels, the query/key form, config.
+
+    Each subclass names its query/key function (`_terms_fn`) and the options it takes
+    (`_options`); the batch loss is that function with the batch as anchors and keys.
+    """
+
+    _terms_fn = None
 
     def _options(self) -> dict:
         return {}
@@ -107,7 +112,7 @@ class TripletBatchAllLoss(_BatchTripletLoss):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class TripletLoss(keras.losses.Loss):
+class TripletLoss(WholeBatchLoss):
     """Explicit triplets: y_pred is (anchor, positive, negative); y_true is ignored."""
 
     def __init__(
@@ -121,12 +126,6 @@ class TripletLoss(keras.losses.Loss):
             "negative_mining", negative_mining, triplet.NEGATIVE_MINING
         )
         super().__init__(name=name, **kwargs)
-
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        if sample_weight is not None:
-            raise ValueError("TripletLoss is a whole-batch loss and does not take `sample_weight`.")
-        with tf.name_scope(self.name or "TripletLoss"):
-            return self.call(y_true, y_pred)
 
     def call(self, y_true, y_pred):
         if not isinstance(y_pred, (tuple, list)) or len(y_pred) != 3:

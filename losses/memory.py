@@ -17,12 +17,12 @@ import tensorflow as tf
 
 from losses import mining
 from losses.distances import as_float32_embeddings
-from losses.keras_losses import PACKAGE
+from losses.keras_losses import PACKAGE, WholeBatchLoss
 from losses.triplet import normalized
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class CrossBatchMemory(keras.losses.Loss):
+class CrossBatchMemory(WholeBatchLoss):
     """`loss` (a loss object with a `terms` method) mined against a memory of `memory_size`
     past embeddings. The memory is made at the first call, of that batch's width; it
     is not part of a Keras checkpoint, and `reset()` empties it."""
@@ -54,14 +54,6 @@ class CrossBatchMemory(keras.losses.Loss):
         if self._filled is not None:
             self._next.assign(0)
             self._filled.assign(0)
-
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        if sample_weight is not None:
-            raise ValueError(
-                "CrossBatchMemory is a whole-batch loss and does not take `sample_weight`."
-            )
-        with tf.name_scope(self.name or "CrossBatchMemory"):
-            return self.call(y_true, y_pred)
 
     def call(self, y_true, y_pred):
         labels = tf.cast(mining.check_labels(mining.class_ids(y_true)), tf.int32)

@@ -18,7 +18,14 @@ import tensorflow as tf
 
 from losses import mining
 from losses.distances import pairwise_distances
-from losses.triplet import TripletTerms, normalized, validated_query_key, whole_batch
+from losses.triplet import (
+    TripletTerms,
+    count_true,
+    normalized,
+    observed,
+    validated_query_key,
+    whole_batch,
+)
 
 _INF = float("inf")
 
@@ -47,18 +54,12 @@ def _cosine_similarities(anchors, keys) -> tf.Tensor:
     )
 
 
-def _count(mask) -> tf.Tensor:
-    return tf.reduce_sum(tf.cast(mask, tf.float32))
-
-
 def _closest_negatives(distances, negative):
     """Each anchor's closest negative (key index, -1 without one) and the distances of
     those that exist: what the trainer reports as the chosen negatives of these losses."""
     index, has_negative = mining.hardest_negative(distances, negative)
-    observed = tf.boolean_mask(
-        mining.gather_rows(tf.stop_gradient(distances), index[:, tf.newaxis])[:, 0], has_negative
-    )
-    return tf.where(has_negative, index, -1), observed
+    chosen_d = mining.gather_rows(distances, index[:, tf.newaxis])[:, 0]
+    return tf.where(has_negative, index, -1), observed(chosen_d, has_negative)
 
 
 def _similarity_terms(similarities, masks, loss_sum, count, num_active, num_terms, positive):
@@ -71,7 +72,7 @@ def _similarity_terms(similarities, masks, loss_sum, count, num_active, num_term
         num_active,
         num_terms,
         chosen,
-        tf.boolean_mask(cosine_distances, positive),
+        observed(cosine_distances, positive),
         negative_d,
     )
 
@@ -112,15 +113,15 @@ def contrastive_terms(
     positive_losses = tf.where(masks.positive, tf.nn.relu(distances - pos_margin), 0.0)
     negative_losses = tf.where(masks.negative, tf.nn.relu(neg_margin - distances), 0.0)
     part_sums = tf.stack([tf.reduce_sum(positive_losses), tf.reduce_sum(negative_losses)])
-    part_counts = tf.stack([_count(positive_losses > 0.0), _count(negative_losses > 0.0)])
+    part_counts = tf.stack([count_true(positive_losses > 0.0), count_true(negative_losses > 0.0)])
     chosen, negative_d = _closest_negatives(distances, masks.negative)
     return TripletTerms(
         tf.reduce_sum(part_sums),
         tf.reduce_sum(part_counts),
         tf.reduce_sum(part_counts),
-        _count(masks.positive) + _count(masks.negative),
+        count_true(masks.positive) + count_true(masks.negative),
         chosen,
-        tf.boolean_mask(tf.stop_gradient(distances), masks.positive),
+        observed(distances, masks.positive),
         negative_d,
         part_sums,
         part_counts,
@@ -165,7 +166,7 @@ def multi_similarity_terms(
         masks._replace(negative=negative),
         tf.reduce_sum(per_anchor),
         num_anchors,
-        _count(per_anchor > 0.0),
+        count_true(per_anchor > 0.0),
         num_anchors,
         positive,
     )
@@ -196,9 +197,9 @@ def supcon_terms(
         s,
         masks,
         tf.reduce_sum(tf.where(nonzero, per_anchor, 0.0)),
-        _count(nonzero),
-        _count(nonzero),
-        _count(has_both),
+        count_true(nonzero),
+        count_true(nonzero),
+        count_true(has_both),
         masks.positive,
     )
 
@@ -217,13 +218,13 @@ def ntxent_terms(
     logits = s / temperature
     negatives = masked_logsumexp(logits, masks.negative)
     per_pair = tf.where(masks.positive, tf.math.softplus(negatives[:, tf.newaxis] - logits), 0.0)
-    num_pairs = _count(masks.positive)
+    num_pairs = count_true(masks.positive)
     return _similarity_terms(
         s,
         masks,
         tf.reduce_sum(per_pair),
         num_pairs,
-        _count(per_pair > 0.0),
+        count_true(per_pair > 0.0),
         num_pairs,
         masks.positive,
     )

@@ -112,12 +112,13 @@ def _check_batch(labels, embeddings, labels_name, embeddings_name):
         return tf.identity(labels), tf.identity(embeddings)
 
 
-def _observed(distances, mask) -> tf.Tensor:
+def observed(distances, mask) -> tf.Tensor:
     """The masked distances as a flat vector, without gradient (for monitoring only)."""
     return tf.boolean_mask(tf.stop_gradient(distances), mask)
 
 
-def _count(mask) -> tf.Tensor:
+def count_true(mask) -> tf.Tensor:
+    """How many entries of a boolean mask are True, as float32 (terms and normalizers)."""
     return tf.reduce_sum(tf.cast(mask, tf.float32))
 
 
@@ -140,17 +141,17 @@ def semihard_terms(
     fallback_d = tf.where(has_negative, mining.gather_rows(distances, farthest[:, None])[:, 0], 0.0)
     negative_d = tf.where(found, mining.gather_rows(distances, semihard), fallback_d[:, None])
     losses = tf.where(slots.valid, tf.maximum(margin + positive_d - negative_d, 0.0), 0.0)
-    num_pairs = _count(slots.valid)
+    num_pairs = count_true(slots.valid)
     fallback = tf.where(has_negative, farthest, -1)
     chosen = tf.boolean_mask(tf.where(found, semihard, fallback[:, None]), slots.valid)
     return TripletTerms(
         tf.reduce_sum(losses),
         num_pairs,
-        _count(losses > 0.0),
+        count_true(losses > 0.0),
         num_pairs,
         chosen,
-        _observed(positive_d, slots.valid),
-        _observed(negative_d, slots.valid & (fallback[:, None] >= 0)),
+        observed(positive_d, slots.valid),
+        observed(negative_d, slots.valid & (fallback[:, None] >= 0)),
     )
 
 
@@ -185,11 +186,11 @@ def hard_terms(
     return TripletTerms(
         tf.reduce_sum(losses),
         num_anchors,
-        _count(losses > 0.0),
+        count_true(losses > 0.0),
         num_anchors,
         chosen,
-        _observed(positive_d, has_positive),
-        _observed(chosen_d[:, 1], has_negative),
+        observed(positive_d, has_positive),
+        observed(chosen_d[:, 1], has_negative),
     )
 
 
@@ -236,8 +237,8 @@ def batch_all_terms(
         num_active,
         num_triplets,
         no_single_negative,
-        _observed(thresholds - margin, slots.valid),
-        _observed(distances, masks.negative),
+        observed(thresholds - margin, slots.valid),
+        observed(distances, masks.negative),
     )
 
 

@@ -51,7 +51,11 @@ class Learner:
     optimizer: keras.optimizers.Optimizer
     schedule: object  # step -> learning rate, for the logs
     step_fn: TrainStep  # one step on every replica, the loss mined over the global batch
-    memory: KeyMemory | None = None  # past global batches, mined as extra keys
+
+    @property
+    def memory(self) -> KeyMemory | None:
+        """Past global batches, mined as extra keys (train.cross_batch_memory)."""
+        return self.step_fn.memory
 
     @property
     def state(self) -> list:
@@ -104,7 +108,7 @@ def build_learner(
         if cross_batch_memory:
             memory = KeyMemory(cross_batch_memory, _embedding_width(embedding_model))
     step_fn = TrainStep(embedding_model, opt, loss, replicas, cross_replica_mining, memory)
-    return Learner(embedding_model, opt, schedule, step_fn, memory)
+    return Learner(embedding_model, opt, schedule, step_fn)
 
 
 def _embedding_width(model) -> int:

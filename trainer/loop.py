@@ -434,7 +434,7 @@ def _check_finite(job: _Job, metrics: dict, step: int) -> int:
 
 def _log_step(job: _Job, step: int, metrics: dict, rate: float, skipped: int) -> None:
     step_fn = job.learner.step_fn
-    unwritten = ("finite_gradients",) if step_fn.memory else ("finite_gradients", MEMORY_TAG)
+    unwritten = ("finite_gradients",) if job.learner.memory else ("finite_gradients", MEMORY_TAG)
     scalars = {f"train/{k}": v for k, v in metrics.items() if k not in unwritten}
     scalars["train/learning_rate"] = float(job.learner.schedule(step - 1))  # this step's rate
     scalars["train/examples_per_second"] = rate

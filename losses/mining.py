@@ -171,34 +171,40 @@ def semihard_negatives(distances, negative, positive_distances):
 def _semihard_by_passes(negative_distances, positive_distances):
     """One pass over each anchor's row per positive: cheap when positives are few.
 
-    Several positives are handled per loop iteration, as one broadcast (anchors, chunk,
-    keys) comparison of at most PASS_CHUNK_ELEMENTS elements: small batches finish in one
-    iteration (loop overhead dominates there), large ones keep memory at O(B²).
+    The positives are compared as one broadcast (anchors, positives, keys) comparison
+    when it has at most PASS_CHUNK_ELEMENTS elements (a batch of up to about 500 rows of
+    16 per class), where a loop's overhead would be most of the time. Larger ones loop
+    over chunks of positives, keeping memory at O(B²). Passes with no positives
+    take the first branch, so the loop always has something to write.
     """
     passes = tf.shape(positive_distances)[1]
     num_anchors, num_keys = tf.shape(negative_distances)[0], tf.shape(negative_distances)[1]
     chunk = tf.maximum(1, PASS_CHUNK_ELEMENTS // tf.maximum(num_anchors * num_keys, 1))
-    rows = negative_distances[:, tf.newaxis, :]
+    # A column of inf after the keys leaves every argmin as it was (ties go to the first
+    # index) and gives the comparison a non-empty axis when there are no keys.
+    padded = tf.pad(negative_distances, [[0, 0], [0, 1]], constant_values=_INF)
+    rows = padded[:, tf.newaxis, :]
 
-    def body(j, chosen):
-        thresholds = positive_distances[:, j : j + chunk, tf.newaxis]
-        candidates = tf.where(rows > thresholds, rows, _INF)
-        best = tf.argmin(candidates, axis=2, output_type=tf.int32)  # (anchors, <= chunk)
-        return j + chunk, chosen.write(j // chunk, tf.transpose(best))
+    def closest_farther(thresholds):  # (anchors, <= chunk) keys
+        candidates = tf.where(rows > thresholds[:, :, tf.newaxis], rows, _INF)
+        return tf.argmin(candidates, axis=2, output_type=tf.int32)
 
-    chosen = tf.TensorArray(
-        tf.int32,
-        size=0,
-        dynamic_size=True,
-        infer_shape=False,
-        element_shape=tf.TensorShape([None, None]),
-    )
-    _, chosen = tf.while_loop(lambda j, _: j < passes, body, (tf.constant(0), chosen))
-    return tf.cond(
-        passes > 0,
-        lambda: tf.transpose(chosen.concat()),
-        lambda: tf.zeros([num_anchors, 0], tf.int32),
-    )
+    def by_chunks():
+        def body(j, chosen):
+            best = closest_farther(positive_distances[:, j : j + chunk])
+            return j + chunk, chosen.write(j // chunk, tf.transpose(best))
+
+        chosen = tf.TensorArray(
+            tf.int32,
+            size=0,
+            dynamic_size=True,
+            infer_shape=False,
+            element_shape=tf.TensorShape([None, None]),
+        )
+        _, chosen = tf.while_loop(lambda j, _: j < passes, body, (tf.constant(0), chosen))
+        return tf.transpose(chosen.concat())
+
+    return tf.cond(passes <= chunk, lambda: closest_farther(positive_distances), by_chunks)
 
 
 def _semihard_by_sorting(negative_distances, positive_distances):

@@ -149,6 +149,28 @@ def test_sorting_path_equals_one_pass_per_positive(monkeypatch, loss_fn):
         assert np.abs(passes_grad).sum() > 0
 
 
+def test_semihard_search_in_chunks_of_positives_equals_one_broadcast(monkeypatch):
+    """Large batches loop over chunks of positives (memory O(B²)); small ones compare all
+    positives at once. Both must choose the same negatives."""
+    labels, x = make_batch("many_positives", seed=12)
+    rows = len(labels)
+    for distance in DISTANCES:
+        results = []
+        # chunks of 1 and of 3 positives (19 per anchor: a short last chunk), then all at once
+        for elements in (rows * rows, 3 * rows * rows, mining.PASS_CHUNK_ELEMENTS):
+            monkeypatch.setattr(mining, "PASS_CHUNK_ELEMENTS", elements)
+            xt = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(xt)
+                value = tf.function(losses.triplet_semihard_loss)(labels, xt, distance=distance)
+            results.append((float(value), tape.gradient(value, xt).numpy()))
+        *chunked, (once_value, once_grad) = results
+        for value, grad in chunked:
+            assert value == pytest.approx(once_value, rel=1e-6)
+            np.testing.assert_allclose(grad, once_grad, rtol=1e-5, atol=1e-6)
+        assert np.abs(once_grad).sum() > 0
+
+
 @pytest.mark.parametrize("loss,kw", VARIANTS)
 def test_query_key_terms_add_up_to_the_whole_batch(loss, kw):
     """Mining disjoint anchor sets against all keys and summing = the single-batch loss."""

@@ -31,10 +31,15 @@ def replica_step(
     cross_replica_mining: bool = True,
     replica_rows=None,
     memory=None,
+    check_finite: bool = True,
 ):
     """One replica's part of a training step, inside `Replicas.run` (or a Keras
     `train_step`): the loss mined over the global batch, the update, and the global
-    metrics as one vector in the order of METRICS. Also returns this replica's terms."""
+    metrics as one vector in the order of METRICS. Also returns this replica's terms.
+
+    `check_finite=False` leaves out the scan of every gradient for `finite_gradients`
+    (reported as 1) when nobody reads it; a loss-scale optimizer always needs it.
+    """
     variables = model.trainable_variables
     is_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     result = loss_and_gradients(
@@ -50,7 +55,11 @@ def replica_step(
         memory,
     )
     grads = result.grads
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+    finite = tf.constant(True)
+    if check_finite or is_scaled:
+        finite = tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+        )
     if is_scaled:
         # The loss-scale optimizer skips a step whose gradients are not finite; make
         # every replica see the same verdict, or some would update and others not.

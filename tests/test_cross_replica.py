@@ -21,7 +21,7 @@ from tests.cross_replica_case import (
     single_device_step,
 )
 from trainer.global_loss import loss_and_gradients
-from trainer.replicas import make_replicas, slice_bounds
+from trainer.replicas import MirroredReplicas, make_replicas, slice_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -116,6 +116,52 @@ def test_global_mining_sees_negatives_of_other_replicas():
     assert local_loss == 0.0  # within one replica every negative is 5 away
     assert global_loss > 0.2
     assert global_remote == 1.0 and local_remote == 0.0
+
+
+def _op_types(concrete) -> set:
+    graph = concrete.graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    return {n.op for n in nodes}
+
+
+@pytest.mark.parametrize("rows_known", [True, False])
+def test_logical_cpus_gather_by_adding_on_one_device_not_by_collective_ops(rows_known):
+    """MirroredStrategy() on CPUs picks collective ops; the gather (both ways) and the
+    sums of the step add on the first device instead (see replicas._host_summer), and
+    stay exact. The same strategy seen as multi-worker keeps the strategy's collectives."""
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:3]
+    strategy = tf.distribute.MirroredStrategy(devices)  # TensorFlow's own choice of ops
+    rows = (1, 2, 3)
+
+    def traced(replicas):
+        @tf.function
+        def step():
+            def fn():
+                me = replicas.replica_index()
+                x = tf.fill([me + 1, 2], tf.cast(me + 1, tf.float32))
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    keys = replicas.all_gather(x, rows if rows_known else None)
+                    target = tf.reduce_sum(keys * tf.range(6, dtype=tf.float32)[:, None])
+                total = replicas.all_reduce_sum(tf.reduce_sum(x))
+                return keys, tape.gradient(target, x), total
+
+            return replicas.run(fn)
+
+        return step
+
+    host = MirroredReplicas(strategy, "mirrored")
+    step = traced(host)
+    keys, grads, totals = (host.local_results(v) for v in step())
+    for r in range(3):
+        np.testing.assert_array_equal(keys[r][:, 0], [1, 2, 2, 3, 3, 3])
+        # d target / d key i = i on every replica; summed over 3 replicas: 3 i
+        start = sum(rows[:r])
+        np.testing.assert_array_equal(grads[r][:, 0], 3.0 * np.arange(start, start + rows[r]))
+        assert float(totals[r]) == 2 * (1 + 4 + 9)
+    assert not {op for op in _op_types(step.get_concrete_function()) if "Collective" in op}
+    strategy_ops = traced(MirroredReplicas(strategy, "multi_worker")).get_concrete_function()
+    assert {op for op in _op_types(strategy_ops) if "Collective" in op}
 
 
 # Two workers run every loss; three (a ring of another size) the triplet ones.

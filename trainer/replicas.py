@@ -175,6 +175,7 @@ class MirroredReplicas(Replicas):
         self.strategy = strategy
         self.name = name
         self._rank = rank
+        self._host_sum = _host_summer(strategy) if name == "mirrored" else None
 
     @property
     def size(self) -> int:
@@ -232,19 +233,21 @@ class MirroredReplicas(Replicas):
         # the summing all-reduce followed by our slice: one collective each way, where
         # ReplicaContext.all_gather takes two forward and two backward. Unknown row
         # counts (Keras' fit) cost one small all-reduce more.
-        context = tf.distribute.get_replica_context()
-        me = context.replica_id_in_sync_group
+        me = tf.distribute.get_replica_context().replica_id_in_sync_group
         if replica_rows is None:
             mine = tf.one_hot(me, self.size, dtype=tf.int32) * tf.shape(value)[0]
-            rows = context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
+            rows = self.all_reduce_sum(mine)
         else:
             rows = tf.constant(replica_rows, tf.int32)
         start = tf.reduce_sum(rows[:me])
         after = tf.reduce_sum(rows) - start - tf.shape(value)[0]
         padding = tf.concat([[[start, after]], tf.zeros([tf.rank(value) - 1, 2], tf.int32)], 0)
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.pad(value, padding))
+        return self.all_reduce_sum(tf.pad(value, padding))
 
     def all_reduce_sum(self, value):
+        # Differentiable either way: the gradient of a sum over replicas is the same sum.
+        if self._host_sum is not None:
+            return self._host_sum(value)
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
 
     def apply_gradients(self, optimizer, grads, variables) -> None:
@@ -253,6 +256,38 @@ class MirroredReplicas(Replicas):
 
     def sum_gradients(self, grads):
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+
+
+def _host_summer(strategy: tf.distribute.Strategy):
+    """A sum over replicas that adds on the first device, for a MirroredStrategy whose
+    replicas are all CPUs of this process; None for any other strategy.
+
+    Such replicas share one memory, and TensorFlow's collective ops (what
+    `MirroredStrategy()` picks there) cost about 0.25 ms of hand-offs between executor
+    threads per call: eleven chained sums of 96 × 145 floats took 3.5 ms with them and
+    0.5 ms added on one device. The step's own sums (the key gather, both ways, and the
+    statistics) take this path; the optimizer's gradient all-reduce stays the strategy's.
+    """
+    devices = list(strategy.extended.worker_devices)
+    on_cpus = all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices)
+    if len(devices) < 2 or not on_cpus:
+        return None
+    reducer = tf.distribute.ReductionToOneDevice(reduce_to_device=devices[0])
+
+    def summed(value):
+        @tf.custom_gradient
+        def sum_over_replicas(local):
+            total = tf.distribute.get_replica_context().merge_call(
+                lambda _, per_replica: reducer.reduce(
+                    tf.distribute.ReduceOp.SUM, per_replica, destinations=per_replica
+                ),
+                args=(local,),
+            )
+            return total, summed
+
+        return sum_over_replicas(value)
+
+    return summed
 
 
 class HorovodReplicas(Replicas):

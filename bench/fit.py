@@ -5,8 +5,10 @@ same loss mined per replica, in one run.
 
 For each replica count, a fresh process builds a MirroredStrategy on logical CPUs, once
 with the cross-device ops it picks itself (as a user's `MirroredStrategy()` would; on
-CPUs, CollectiveAllReduce) and once reducing on one device (what the trainer uses for
-logical CPUs), then the default job's digits model twice, and
+CPUs, CollectiveAllReduce, which then carries both models' gradient all-reduce, while
+the global model's gather and statistics add on one device: see trainer/replicas.py)
+and once reducing everything on one device (what the trainer uses for logical CPUs),
+then the default job's digits model twice, and
 compiles one as a GlobalMiningModel and one as a plain Keras model with the same loss
 (TripletSemiHardLoss, cosine). Both fit the same P×K-sampled batches, taking turns
 every 5 steps (a `fit` of 5 batches each), `--steps` steps each a round, 5 rounds after

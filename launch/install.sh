@@ -20,7 +20,7 @@ HOROVOD_VERSION="0.28.1"
 CACHE="${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/metric-trainer/wheels}"
 PY_PACKAGES=(
   "$TF_PACKAGE" "tensorboard" "absl-py>=1.0" "gin-config>=0.5" "scikit-learn>=1.3"
-  "numpy" "pillow" "pytest>=7" "ruff"
+  "numpy" "pillow" "pytest>=7" "pytest-xdist>=3" "ruff"
   # Horovod's runtime dependencies, installed here because its wheel is installed --no-deps.
   "cloudpickle" "psutil" "pyyaml" "packaging"
 )

@@ -50,8 +50,10 @@ if [[ -z ${CUDA_VISIBLE_DEVICES+x} ]] && ! command -v nvidia-smi >/dev/null 2>&1
   # CPU only: give each worker its share of the cores instead of all of them each.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ( $(nproc) + workers - 1 ) / workers ))}
 fi
-# Only the chief prints; drop horovodrun's "[0]<stdout>:" prefixes (in an elastic job the
-# chief can be a worker that started with another rank). When a worker fails, horovodrun
+# Only the chief prints progress; drop horovodrun's "[0]<stdout>:" prefixes (in an elastic
+# job the chief can be a worker that started with another rank). Every worker that fails
+# says why in one line "error: rank R on host H: ..."; the first one is shown and the
+# others' are dropped (the same mistake on 8 workers is one message). horovodrun then
 # raises a traceback of its own: replace it by one line, and exit with the failed
 # worker's status (2 for a configuration mistake).
 strip='s/^\[[0-9]\+\]<std\(out\|err\)>://'
@@ -66,6 +68,7 @@ summarize='
   /^I0000 [0-9:. ]+ (port|cpu_feature_guard)\.cc:[0-9]+\] / { next }
   /^To enable the following instructions: .* with the appropriate compiler flags\.$/ { next }
   /^E0000 [0-9:. ]+ util\.cc:[0-9]+\] oneDNN supports DT_INT32 only on platforms with AVX-512/ { next }
+  /^error: rank [0-9]+ on host / { if (errored) next; errored = 1; print; fflush(); next }
   /^terminate called after throwing an instance of .std::runtime_error.$/ { pending = $0; next }
   pending != "" && / has been removed from elastic job$/ {
     sub(/^ *what\(\): +/, ""); sub(/ has been removed from elastic job$/, "")

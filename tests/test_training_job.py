@@ -7,6 +7,7 @@ embedded digits job made short.
 import json
 import os
 import re
+import socket
 
 import numpy as np
 import pytest
@@ -299,4 +300,28 @@ def test_a_mistake_under_horovodrun_is_one_message_and_status_2(tmp_path, param,
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.count(message) == 1  # chief only
     assert re.search(r"horovodrun: worker \d exited with status 2", done.stderr)
+    assert "Traceback" not in done.stderr
+
+
+def test_a_failure_only_one_rank_meets_is_shown_with_its_rank_and_host(tmp_path, monkeypatch):
+    """Rank 1 alone cannot build its model (weights missing on its node): the user sees
+    rank 1's own one-line reason, named by rank and host, not just a worker's status."""
+    module = tmp_path / "node_local_model.py"
+    module.write_text(
+        "import os\n"
+        "import gin\n"
+        "from data.errors import InputError\n"
+        "from trainer.model import digits_convnet\n\n"
+        "@gin.configurable\n"
+        "def build():\n"
+        "    if os.environ.get('HOROVOD_RANK') == '1':\n"
+        "        raise InputError('backbone weights /models/r50.h5 not found on this node')\n"
+        "    return digits_convnet()\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    params = ("import node_local_model", "train.model=@node_local_model.build")
+    done = run_job(tmp_path / "w", params, HOROVOD_2, check=False, timeout=180)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = f"error: rank 1 on host {socket.gethostname()}: backbone weights /models/r50.h5"
+    assert done.stderr.count(line) == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr

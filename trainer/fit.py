@@ -12,6 +12,9 @@ worker feeds its own contiguous slice of every global batch), else one device.
         model = GlobalMiningModel(embedding_net)
         model.compile(optimizer="adam", loss=TripletSemiHardLoss(margin=0.2, distance="cosine"))
     model.fit(dataset, epochs=10)
+
+Under horovodrun, importing this module puts each worker on the GPU of its local rank
+(`trainer.placement.place_worker`), so import it before building the model.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.global_loss import loss_and_statistics
-from trainer.replicas import HorovodReplicas, from_context
+from trainer.placement import place_worker
+from trainer.replicas import HorovodReplicas, from_context, launched_by_horovodrun
 from trainer.train_step import METRICS, metrics_vector, replica_step
+
+if launched_by_horovodrun():
+    # Before the user's script builds a model: each worker the GPU of its local rank.
+    place_worker()
 
 PACKAGE = "metric_trainer"
 # The step's figures in fit's logs, History and callbacks (each the mean over the epoch).

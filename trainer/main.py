@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import gin  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import trainer.config  # noqa: E402, F401  (registers the configurables)
 from data.errors import InputError  # noqa: E402
 from trainer.loop import NumericalError  # noqa: E402
+from trainer.placement import cpu_only_warning, nvidia_smi_gpus  # noqa: E402
 from trainer.replicas import make_replicas  # noqa: E402
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -114,14 +117,17 @@ def run(argv) -> int:
     from trainer.loop import train
 
     replicas = make_replicas()
+    warning = cpu_only_warning(nvidia_smi_gpus(), tf.config.list_physical_devices("GPU"))
+    if warning and replicas.is_chief:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     workdir = os.path.abspath(FLAGS.workdir or agreed_default_workdir(replicas))
     if replicas.is_chief:
         print(f"workdir: {workdir}", flush=True)
     try:
         train(workdir, replicas, assembled=lambda: check_params_used(FLAGS.gin_param))
     except (ValueError, TypeError) as error:
-        if not built_from_config(error):
-            raise
+        if isinstance(error, InputError) or not built_from_config(error):
+            raise  # an InputError says what is wrong itself
         raise UsageError(f"bad value in the gin config: {error}") from error
     return 0
 
@@ -142,31 +148,39 @@ def main(argv) -> None:
     except InputError as error:  # the user's to fix: one message, no traceback
         report(error)
         sys.exit(2)
+    except Exception as error:  # a crash: its cause in one line first, then the traceback
+        report(error, f"{type(error).__name__}: ", limit=500)
+        raise
 
 
-def report(error: Exception) -> None:
-    """The error's message on stderr, without gin's "In call to configurable" lines.
+def report(error: Exception, kind: str = "", limit: int | None = None) -> None:
+    """The error's message on stderr, one line, without gin's "In call to configurable"
+    lines.
 
-    Every worker meets the same error; under horovodrun only the chief reports it.
+    Every worker reports its own error, named by rank and host when there are several:
+    a cause only one rank meets (data not mounted on one node) must reach the user.
+    `launch/horovod.sh` shows the first such line and drops the others' repeats.
     """
-    if not _is_chief_process():
-        return
     lines = str(error).splitlines()
-    message = "\n".join(line for line in lines if "In call to configurable" not in line)
-    print(f"error: {message}", file=sys.stderr)
+    message = " ".join(line for line in lines if "In call to configurable" not in line)
+    if limit is not None and len(message) > limit:
+        message = message[:limit] + " ..."
+    print(f"error: {worker_name()}{kind}{message}", file=sys.stderr, flush=True)
 
 
-def _is_chief_process() -> bool:
-    """HOROVOD_RANK is the rank a worker started with; in an elastic job ranks change,
-    so Horovod is asked when it is running."""
-    if os.environ.get("HOROVOD_RANK") is None:
-        return True
+def worker_name() -> str:
+    """'rank R on host H: ' under horovodrun (R as Horovod knows it now, which an
+    elastic job changes), else ''."""
+    rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
+    if rank is None:
+        return ""
     try:
         import horovod.tensorflow as hvd
 
-        return hvd.rank() == 0
-    except ValueError:  # not initialized yet (a mistake found before it started)
-        return os.environ["HOROVOD_RANK"] == "0"
+        rank = hvd.rank()
+    except (ImportError, ValueError):  # not initialized yet (a mistake found before it started)
+        pass
+    return f"rank {rank} on host {socket.gethostname()}: "
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.errors import InputError
+from trainer.placement import place
 
 STRATEGIES = ("auto", "single", "mirrored", "multi_worker", "horovod")
 
@@ -300,6 +301,7 @@ class HorovodReplicas(Replicas):
 
         self.hvd = hvd
         hvd.init()
+        self.gpus = place(per_worker=True, local_rank=hvd.local_rank(), local_size=hvd.local_size())
         # horovodrun with a host-discovery script: ranks and size change during the job.
         self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
 
@@ -406,10 +408,11 @@ def make_replicas(strategy: str = "auto", cpu_replicas: int = 0) -> Replicas:
             strategy = "mirrored"
         else:
             strategy = "single"
+    if strategy == "horovod":
+        return HorovodReplicas()  # each worker the GPU of its local rank
+    place(per_worker=False)  # one process drives every GPU of its node
     if strategy == "single":
         return Replicas()
-    if strategy == "horovod":
-        return HorovodReplicas()
     if strategy == "mirrored":
         if cpu_devices:
             # Logical CPU devices share one memory: reducing on one device and copying

@@ -5,6 +5,7 @@
 #   launch/horovod.sh hosts.txt --gin_file=cub200 ...    workers on the hosts listed in a
 #                                                        hosts file, "host slots=N" per line
 #                                                        (passwordless ssh between them)
+#   launch/horovod.sh 8 doctor                           python -m trainer.doctor on 8 workers
 #   launch/horovod.sh --elastic 4 16 discover.sh ...     elastic: 4 to 16 workers on the hosts
 #                                                        that the executable discover.sh
 #                                                        prints, "host:slots" per line; it is
@@ -102,9 +103,11 @@ stop_workers() {  # the python workers, not the shells horovodrun starts them wi
     fi
   done
 }
+module=trainer.main
+if [[ ${1:-} == doctor ]]; then module=trainer.doctor; shift; fi
 set +e
 read -ra extra <<< "${HOROVODRUN_ARGS-}"
-setsid "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "${extra[@]}" "$VENV/bin/python" -m trainer.main "$@" \
+setsid "$VENV/bin/horovodrun" --gloo "${hosts[@]}" "${extra[@]}" "$VENV/bin/python" -m "$module" "$@" \
   > >(trap '' TERM INT; exec sed -u "$strip") \
   2> >(trap '' TERM INT; sed -u "$strip" | awk -v status="$status_file" "$summarize" >&2) &
 child=$!

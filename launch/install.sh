@@ -1,37 +1,148 @@
 #!/usr/bin/env bash
 # Installs everything the project needs into .venv at the repo root:
-# TensorFlow (CPU build unless TF_PACKAGE says otherwise), the Python tools, and
-# Horovod 0.28.1 built from its source release with TensorFlow + Gloo.
-# A second run is a no-op (stamp file); the Horovod wheel is cached, keyed by
-# Horovod, TensorFlow and Python versions, so a rebuilt venv installs in seconds.
+# TensorFlow (the CUDA build where nvidia-smi lists GPUs, else the CPU build), the Python
+# tools, and Horovod 0.28.1 built from its source release with TensorFlow + Gloo (+ NCCL
+# on GPU machines that have it). A second run with the same settings does nothing (stamp
+# file keyed by this script, the TensorFlow package, Horovod's GPU operations and the
+# Python version); the Horovod wheel is cached under the same kind of key, so a rebuilt
+# venv installs in seconds.
+#
+#   launch/install.sh          install (what `make install` runs)
+#   launch/install.sh --plan   print the decisions for this machine; install nothing
 #
 # Environment:
-#   TF_PACKAGE           pip spec for TensorFlow (default tensorflow-cpu==2.21.*;
-#                        GPU machines: 'tensorflow[and-cuda]==2.21.*')
-#   HOROVOD_WHEEL_CACHE  where built Horovod wheels are kept
-#                        (default ${XDG_CACHE_HOME:-~/.cache}/metric-trainer/wheels)
-#   PYTHON               interpreter for the venv (default python3.11, else python3)
+#   TF_PACKAGE              pip spec for TensorFlow (default: 'tensorflow[and-cuda]==2.21.*'
+#                           where nvidia-smi lists GPUs, else 'tensorflow-cpu==2.21.*')
+#   HOROVOD_GPU_OPERATIONS  Horovod's GPU collectives: NCCL by default where there are GPUs,
+#                           NCCL and the CUDA toolkit are found; '' for none (host memory)
+#   HOROVOD_NCCL_HOME       where NCCL is (include/nccl.h, lib/libnccl.so*), if not in /usr
+#   HOROVOD_WHEEL_CACHE     where built Horovod wheels are kept
+#                           (default ${XDG_CACHE_HOME:-~/.cache}/metric-trainer/wheels)
+#   PYTHON                  interpreter for the venv (default python3.11, else python3)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-TF_PACKAGE="${TF_PACKAGE:-tensorflow-cpu==2.21.*}"
 HOROVOD_VERSION="0.28.1"
+TF_VERSION_SPEC="2.21.*"
 CACHE="${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/metric-trainer/wheels}"
+PLAN=0
+case "${1:-}" in
+  "") ;;
+  --plan) PLAN=1 ;;
+  *) echo "usage: launch/install.sh [--plan]" >&2; exit 2 ;;
+esac
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+pick_python() {
+  if [[ -x "$VENV/bin/python" ]]; then echo "$VENV/bin/python"; return; fi
+  if [[ -n "${PYTHON:-}" ]]; then echo "$PYTHON"; return; fi
+  if command -v python3.11 >/dev/null 2>&1; then echo python3.11; else echo python3; fi
+}
+
+# --- decisions (all of them before anything is installed; --plan prints them) ---------
+GPU_COUNT=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  GPU_COUNT=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+fi
+if [[ $GPU_COUNT -gt 0 ]]; then
+  MACHINE="$GPU_COUNT GPU(s) listed by nvidia-smi"
+  DEFAULT_TF="tensorflow[and-cuda]==$TF_VERSION_SPEC"
+else
+  MACHINE="no GPU ($(command -v nvidia-smi >/dev/null 2>&1 && echo 'nvidia-smi lists none' || echo 'no nvidia-smi'))"
+  DEFAULT_TF="tensorflow-cpu==$TF_VERSION_SPEC"
+fi
+TF_PACKAGE="${TF_PACKAGE:-$DEFAULT_TF}"
+if [[ $TF_PACKAGE == "$DEFAULT_TF" ]]; then TF_WHY="default for this machine"; else TF_WHY="from TF_PACKAGE"; fi
+case "$TF_PACKAGE" in
+  tensorflow-cpu*) OTHER_TF=tensorflow ;;   # the two builds share the tensorflow/ folder:
+  *) OTHER_TF=tensorflow-cpu ;;             # the other one is removed first
+esac
+
+# NCCL: HOROVOD_NCCL_HOME, else the system's (Debian/Ubuntu libnccl-dev).
+find_nccl() {
+  local home homes=(/usr /usr/local)
+  [[ -n ${HOROVOD_NCCL_HOME:-} ]] && homes=("$HOROVOD_NCCL_HOME")  # the user said where
+  for home in "${homes[@]}"; do
+    [[ -f $home/include/nccl.h ]] || continue
+    if compgen -G "$home/lib/libnccl.so*" >/dev/null || compgen -G "$home/lib/*/libnccl.so*" >/dev/null \
+      || compgen -G "$home/lib64/libnccl.so*" >/dev/null; then
+      echo "$home"; return
+    fi
+  done
+}
+find_nvcc() {  # the CUDA compiler, if one runs (Horovod's GPU operations need it)
+  local nvcc
+  for nvcc in "${HOROVOD_CUDA_HOME:-${CUDA_HOME:-/usr/local/cuda}}/bin/nvcc" "$(command -v nvcc || true)"; do
+    if [[ -n $nvcc && -x $nvcc ]] && "$nvcc" --version >/dev/null 2>&1; then echo "$nvcc"; return; fi
+  done
+}
+NCCL_HOME="$(find_nccl)"
+NVCC="$(find_nvcc)"
+if [[ -n ${HOROVOD_GPU_OPERATIONS+x} ]]; then
+  GPU_OPS="$HOROVOD_GPU_OPERATIONS"
+  OPS_WHY="from HOROVOD_GPU_OPERATIONS"
+elif [[ $GPU_COUNT -eq 0 ]]; then
+  GPU_OPS=""
+  OPS_WHY="no GPU: collectives through Gloo in host memory"
+elif [[ -n $NCCL_HOME && -n $NVCC ]]; then
+  GPU_OPS="NCCL"
+  OPS_WHY="NCCL in $NCCL_HOME, CUDA compiler $NVCC"
+else
+  GPU_OPS=""
+  missing=()
+  [[ -n $NCCL_HOME ]] || missing+=("NCCL (apt-get install libnccl-dev, or set HOROVOD_NCCL_HOME)")
+  [[ -n $NVCC ]] || missing+=("the CUDA toolkit's nvcc (set CUDA_HOME)")
+  OPS_WHY="NOT NCCL: ${missing[*]} not found, so Horovod's all-reduce goes through host memory (Gloo), much slower between GPUs; install them and run make install again"
+fi
+OPS_KEY="${GPU_OPS:-cpu}"
+OPS_KEY="${OPS_KEY,,}"
+
+PY="$(pick_python)"
+PY_VERSION="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+PY_TAG="cp${PY_VERSION/./}"
+# The stamp names everything that changes what gets installed.
+STAMP_KEY="$(printf '%s\n' "$(sha1sum "${BASH_SOURCE[0]}" | cut -c1-40)" "$TF_PACKAGE" "$OPS_KEY" \
+  "$PY_VERSION" | sha1sum | cut -c1-12)"
+STAMP="$VENV/.installed-$STAMP_KEY"
+# The wheel's key: Horovod, TensorFlow and Python versions and the GPU operations.
+wheel_key() { echo "horovod-${HOROVOD_VERSION}-tf$1-${PY_TAG}-${OPS_KEY}"; }
+
+if [[ $PLAN -eq 1 ]]; then
+  # The TensorFlow version is known once installed: the plan uses the installed one, if any.
+  TF_INSTALLED="$("$VENV/bin/python" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null || true)"
+  if [[ -f $STAMP ]]; then venv_plan="up to date ($(cat "$STAMP"))"
+  elif [[ -x $VENV/bin/python ]]; then venv_plan="install into the existing $VENV (settings changed or never completed)"
+  else venv_plan="create $VENV with Python $PY_VERSION"; fi
+  if [[ -n $TF_INSTALLED ]]; then
+    key="$(wheel_key "$TF_INSTALLED")"
+    if compgen -G "$CACHE/$key/horovod-*.whl" >/dev/null; then wheel_plan="cached in $CACHE/$key"
+    else wheel_plan="build from source once, then cache in $CACHE/$key"; fi
+  else
+    wheel_plan="build from source once (or reuse) in $CACHE/$(wheel_key '<TF version>')"
+  fi
+  echo "machine:          $MACHINE"
+  echo "tensorflow:       $TF_PACKAGE ($TF_WHY)"
+  echo "horovod:          $HOROVOD_VERSION with TensorFlow and Gloo, MPI off"
+  echo "gpu operations:   ${GPU_OPS:-none} ($OPS_WHY)"
+  echo "horovod wheel:    $wheel_plan"
+  echo "venv:             $venv_plan"
+  exit 0
+fi
+
+if [[ -f "$STAMP" ]]; then
+  exit 0
+fi
+if [[ $GPU_COUNT -gt 0 && -z $GPU_OPS ]]; then
+  log "WARNING: Horovod gets no GPU operations: $OPS_WHY"
+fi
 PY_PACKAGES=(
   "$TF_PACKAGE" "tensorboard" "absl-py>=1.0" "gin-config>=0.5" "scikit-learn>=1.3"
   "numpy" "pillow" "pytest>=7" "pytest-xdist>=3" "ruff"
   # Horovod's runtime dependencies, installed here because its wheel is installed --no-deps.
   "cloudpickle" "psutil" "pyyaml" "packaging"
 )
-
-log() { printf '[install] %s\n' "$*" >&2; }
-
-# The stamp changes whenever this script does, so editing the package list reinstalls.
-STAMP="$VENV/.installed-$(sha1sum "${BASH_SOURCE[0]}" | cut -c1-12)"
-if [[ -f "$STAMP" ]]; then
-  exit 0
-fi
 
 need_system_packages() {
   local missing=()
@@ -50,24 +161,21 @@ need_system_packages() {
   fi
 }
 
-pick_python() {
-  if [[ -n "${PYTHON:-}" ]]; then echo "$PYTHON"; return; fi
-  if command -v python3.11 >/dev/null 2>&1; then echo python3.11; else echo python3; fi
-}
-
 if [[ ! -x "$VENV/bin/python" ]]; then
-  PY="$(pick_python)"
   log "creating $VENV with $($PY --version 2>&1)"
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip wheel "setuptools<81"
+if "${PIP[@]}" show -q "$OTHER_TF" >/dev/null 2>&1; then
+  log "removing $OTHER_TF (it shares the tensorflow/ folder with $TF_PACKAGE)"
+  "${PIP[@]}" uninstall -q -y "$OTHER_TF"
+fi
 log "installing Python packages (${TF_PACKAGE}, tensorboard, absl-py, gin-config, ...)"
 "${PIP[@]}" install -q "${PY_PACKAGES[@]}"
 
 TF_VERSION="$("$VENV/bin/python" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null)"
-PY_TAG="$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
-KEY="horovod-${HOROVOD_VERSION}-tf${TF_VERSION}-${PY_TAG}"
+KEY="$(wheel_key "$TF_VERSION")"
 mkdir -p "$CACHE/$KEY"
 WHEEL="$(ls "$CACHE/$KEY"/horovod-*.whl 2>/dev/null | head -n1 || true)"
 
@@ -75,7 +183,7 @@ if [[ -z "$WHEEL" ]]; then
   need_system_packages
   BUILD="$(mktemp -d)"
   trap 'rm -rf "$BUILD"' EXIT
-  log "building Horovod ${HOROVOD_VERSION} for TensorFlow ${TF_VERSION} (${PY_TAG}); takes ~10 min once, then cached in $CACHE/$KEY"
+  log "building Horovod ${HOROVOD_VERSION} for TensorFlow ${TF_VERSION} (${PY_TAG}, GPU operations: ${GPU_OPS:-none}); takes ~10 min once, then cached in $CACHE/$KEY"
   "${PIP[@]}" download -q --no-deps --no-binary :all: "horovod==${HOROVOD_VERSION}" -d "$BUILD"
   tar -xzf "$BUILD/horovod-${HOROVOD_VERSION}.tar.gz" -C "$BUILD"
   SRC="$BUILD/horovod-${HOROVOD_VERSION}"
@@ -87,7 +195,11 @@ if [[ -z "$WHEEL" ]]; then
     cd "$SRC"
     export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1
     export HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
-    export HOROVOD_GPU_OPERATIONS="${HOROVOD_GPU_OPERATIONS:-}"
+    export HOROVOD_GPU_OPERATIONS="$GPU_OPS"
+    if [[ -n $GPU_OPS ]]; then
+      [[ -n $NCCL_HOME ]] && export HOROVOD_NCCL_HOME="$NCCL_HOME"
+      [[ -n $NVCC ]] && export HOROVOD_CUDA_HOME="$(dirname "$(dirname "$NVCC")")"
+    fi
     export MAKEFLAGS="-j$(nproc)"
     "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$BUILD/dist" . > "$BUILD/build.log" 2>&1 \
       || { tail -n 60 "$BUILD/build.log" >&2; log "Horovod build failed (full log above, last 60 lines)"; exit 1; }
@@ -103,7 +215,27 @@ fi
 "${PIP[@]}" install -q --no-deps --force-reinstall "$WHEEL"
 
 log "checking the Horovod build"
-"$VENV/bin/horovodrun" --check-build | sed 's/^/[install]   /' >&2
+CHECK="$("$VENV/bin/horovodrun" --check-build)"
+printf '%s\n' "$CHECK" | sed 's/^/[install]   /' >&2
+# One line of what was installed, kept in the stamp (--plan shows it).
+HOROVOD_BUILT="$(printf '%s\n' "$CHECK" | awk '
+  /^Available Frameworks:/ { part = "frameworks" } /^Available Controllers:/ { part = "controllers" }
+  /^Available Tensor Operations:/ { part = "tensor operations" }
+  /\[X\]/ { list[part] = list[part] (list[part] ? ", " : "") $2 }
+  END { printf "frameworks %s; controllers %s; tensor operations %s", list["frameworks"], list["controllers"], list["tensor operations"] }')"
+TF_BUILD="$("$VENV/bin/python" - <<'PY'
+import tensorflow as tf
+
+b = tf.sysconfig.get_build_info()
+cuda = f"CUDA {b.get('cuda_version')} / cuDNN {b.get('cudnn_version')} build"
+print(cuda if b.get("is_cuda_build") else "CPU build")
+PY
+)"
+SUMMARY="TensorFlow $TF_VERSION ($TF_BUILD, $TF_PACKAGE); Horovod $HOROVOD_VERSION ($HOROVOD_BUILT)"
 rm -f "$VENV"/.installed-*
-touch "$STAMP"
-log "done: $VENV"
+printf '%s\n' "$SUMMARY" > "$STAMP"
+log "installed: $SUMMARY"
+if [[ $GPU_COUNT -gt 0 && $TF_BUILD == "CPU build" ]]; then
+  log "WARNING: this machine has GPUs but $TF_PACKAGE is a CPU build: jobs will run on the CPU"
+fi
+log "done: $VENV (python -m trainer.doctor checks it)"

@@ -1,15 +1,25 @@
 """Non-finite values: the run stops naming the step and the last good checkpoint, and never
 checkpoints NaN weights; with train.nonfinite='skip' such steps are left out and counted."""
 
+import os
+import subprocess
+import sys
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import losses
 from data.sampler import PKSampler
 from data.sources import Source, digits
-from tests.jobs import scalars
+from tests.cross_replica_case import global_batch, mirrored
+from tests.jobs import ROOT, job_env, scalars
 from trainer.loop import NumericalError, train
 from trainer.replicas import Replicas
+from trainer.train_step import TrainStep
+
+HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 
 
 def poisoned_digits():
@@ -67,3 +77,68 @@ def test_skip_mode_leaves_bad_steps_out_and_counts_them(tmp_path):
         np.testing.assert_array_equal(after_bad[name], value)  # the bad step changed nothing
         assert np.all(np.isfinite(after_good[name]))
     assert any(not np.array_equal(after_good[n], before[n]) for n in before)
+
+
+class SqrtGate(keras.layers.Layer):
+    """x · (1 + sqrt(s · x₀²)): finite forward, but a NaN gradient for s from any row whose
+    x₀ is 0 (x · 0 / sqrt(0)). A NaN that only the replica holding that row sees."""
+
+    def build(self, input_shape):
+        self.s = self.add_weight(shape=(), initializer="ones", name="s")
+
+    def call(self, x):
+        return x * (1.0 + tf.sqrt(self.s * tf.square(x[:, :1])))
+
+
+def gated_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6,)), SqrtGate(), keras.layers.Dense(8)])
+
+
+@pytest.mark.parametrize("backend", ["single", "mirrored4"])
+def test_a_nan_gradient_on_one_replica_changes_no_weight_anywhere(backend):
+    """Row 20 of 24 (replica 3 of 4) makes a NaN gradient; the loss stays finite, so
+    only a verdict over every replica's gradients catches it, before the update."""
+    replicas = Replicas() if backend == "single" else mirrored(4)
+    x, labels = global_batch()
+    x[20, 0] = 0.0
+    with replicas.scope():
+        model = gated_model()
+        optimizer = keras.optimizers.Adam(0.1)
+    step = TrainStep(model, optimizer, losses.TripletSemiHardLoss(margin=0.5), replicas)
+    before = [v.numpy().copy() for v in model.variables]
+    metrics = step(x, labels)
+    assert np.isfinite(metrics["loss"]) and metrics["finite_gradients"] == 0.0
+    for value, old in zip(model.variables, before, strict=True):
+        np.testing.assert_array_equal(value.numpy(), old)
+    assert int(optimizer.iterations.numpy()) == 0
+    x[20, 0] = 1.0  # the same step without the bad row applies
+    metrics = step(x, labels)
+    assert metrics["finite_gradients"] == 1.0 and int(optimizer.iterations.numpy()) == 1
+    assert any(
+        not np.array_equal(v.numpy(), o) for v, o in zip(model.variables, before, strict=True)
+    )
+
+
+def test_a_nan_gradient_on_one_horovod_worker_changes_no_weight_on_any():
+    done = subprocess.run(
+        [
+            HOROVODRUN,
+            "-np",
+            "2",
+            "--gloo",
+            "-H",
+            "localhost:2",
+            sys.executable,
+            "-m",
+            "tests.horovod_nan_worker",
+        ],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"RANK {rank} finite_gradients=0.0 unchanged=True iterations=0" in done.stdout

@@ -160,9 +160,12 @@ class Replicas:
     def all_reduce_sum(self, value):
         return value
 
-    def apply_gradients(self, optimizer, grads, variables) -> None:
-        """Applies this replica's gradients; they are summed over replicas first."""
-        optimizer.apply(grads, variables)
+    def apply_gradients(self, optimizer, grads, variables, only_if=None) -> None:
+        """Applies this replica's gradients; they are summed over replicas first.
+
+        `only_if`: a boolean tensor, the same on every replica; when False nothing is
+        applied (no weight, slot or step counter changes)."""
+        _applied_if(only_if, lambda: optimizer.apply(grads, variables))
 
     def sum_gradients(self, grads):
         """This replica's gradients summed over all replicas (for checks and logging)."""
@@ -251,9 +254,26 @@ class MirroredReplicas(Replicas):
             return self._host_sum(value)
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
 
-    def apply_gradients(self, optimizer, grads, variables) -> None:
+    def apply_gradients(self, optimizer, grads, variables, only_if=None) -> None:
         # Keras 3's optimizer sums gradients over replicas inside `apply` (replica context).
-        optimizer.apply(grads, variables)
+        if only_if is None:
+            optimizer.apply(grads, variables)
+            return
+
+        # `apply` synchronizes through a merge_call, which TensorFlow refuses inside a
+        # cond of a replica context: decide in the cross-replica context, as Keras'
+        # LossScaleOptimizer does.
+        def decide(strategy, grads, only_if):
+            verdict = strategy.experimental_local_results(only_if)[0]  # the same on all
+            tf.cond(
+                verdict,
+                lambda: strategy.extended.call_for_each_replica(
+                    optimizer.apply, args=(grads, variables)
+                ),
+                lambda: None,
+            )
+
+        tf.distribute.get_replica_context().merge_call(decide, args=(grads, only_if))
 
     def sum_gradients(self, grads):
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
@@ -357,11 +377,20 @@ class HorovodReplicas(Replicas):
     def all_reduce_sum(self, value):
         return self.hvd.allreduce(value, op=self.hvd.Sum)
 
-    def apply_gradients(self, optimizer, grads, variables) -> None:
-        optimizer.apply(self.sum_gradients(grads), variables)
+    def apply_gradients(self, optimizer, grads, variables, only_if=None) -> None:
+        summed = self.sum_gradients(grads)  # on every worker, whatever the verdict
+        _applied_if(only_if, lambda: optimizer.apply(summed, variables))
 
     def sum_gradients(self, grads):
         return self.hvd.grouped_allreduce(list(grads), op=self.hvd.Sum)
+
+
+def _applied_if(condition, apply) -> None:
+    """`apply()` when `condition` (a boolean tensor, or None for always)."""
+    if condition is None:
+        apply()
+    else:
+        tf.cond(condition, apply, lambda: None)
 
 
 def launched_by_horovodrun() -> bool:

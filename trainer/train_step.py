@@ -38,7 +38,9 @@ def replica_step(
     metrics as one vector in the order of METRICS. Also returns this replica's terms.
 
     `check_finite=False` leaves out the scan of every gradient for `finite_gradients`
-    (reported as 1) when nobody reads it; a loss-scale optimizer always needs it.
+    (reported as 1) when nobody reads it; a loss-scale optimizer always needs it. With
+    the check, a step whose global loss or any replica's gradient is not finite changes
+    no weight on any replica (`finite_gradients` 0).
     """
     variables = model.trainable_variables
     is_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -55,18 +57,21 @@ def replica_step(
         memory,
     )
     grads = result.grads
-    finite = tf.constant(True)
-    if check_finite or is_scaled:
-        finite = tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
-        )
+    if not (check_finite or is_scaled):
+        replicas.apply_gradients(optimizer, grads, variables)
+        return metrics_vector(result.loss, result.stats, tf.constant(True)), result.terms
+    # The verdict is global: a NaN in any replica's gradient (or the global loss) is a NaN
+    # in the summed gradient, so every replica must see it before any weight changes.
+    local = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+    local = tf.logical_and(local, tf.math.is_finite(result.loss))
+    finite = replicas.all_reduce_sum(1.0 - tf.cast(local, tf.float32)) == 0.0
     if is_scaled:
-        # The loss-scale optimizer skips a step whose gradients are not finite; make
-        # every replica see the same verdict, or some would update and others not.
-        bad = replicas.all_reduce_sum(1.0 - tf.cast(finite, tf.float32))
-        finite = bad == 0.0
+        # The loss-scale optimizer skips a step whose gradients are not finite: give
+        # every replica non-finite gradients, so that all of them skip it.
         grads = [None if g is None else tf.where(finite, g, float("nan")) for g in grads]
-    replicas.apply_gradients(optimizer, grads, variables)
+        replicas.apply_gradients(optimizer, grads, variables)
+    else:
+        replicas.apply_gradients(optimizer, grads, variables, only_if=finite)
     return metrics_vector(result.loss, result.stats, finite), result.terms
 
 

@@ -53,19 +53,46 @@ class ImagePreprocessing:
         return tf.cast(image, tf.float32)
 
     def train(self, image, seed):
+        """A decoded image -> its augmented crop, float32."""
         if self.augment:
-            begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-                tf.shape(image),
-                tf.zeros([1, 0, 4]),
-                seed=seed,
-                area_range=self.crop_area,
-                aspect_ratio_range=(0.75, 1.333),
-                min_object_covered=0.0,
-                use_image_if_no_bounding_boxes=True,
-            )
+            begin, extent = self._window(tf.shape(image), seed)
             image = tf.slice(image, begin, extent)
             image = tf.image.stateless_random_flip_left_right(image, seed=seed[::-1])
         return self._resize(image)
+
+    def train_encoded(self, encoded, seed):
+        """Encoded image bytes -> the same augmented crop as `train`, as uint8 (a quarter
+        of float32's bytes to the device, where the step makes it float). A JPEG is
+        decoded only inside its crop window; other formats whole, then cropped."""
+        if not self.augment:
+            return to_uint8(self._resize(self.decode(encoded)))
+
+        def jpeg_window():
+            begin, extent = self._window(tf.image.extract_jpeg_shape(encoded), seed)
+            window = tf.stack([begin[0], begin[1], extent[0], extent[1]])
+            return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+
+        def decoded_then_cropped():
+            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            begin, extent = self._window(tf.shape(image), seed)
+            return tf.slice(image, begin, extent)
+
+        crop = tf.cond(tf.io.is_jpeg(encoded), jpeg_window, decoded_then_cropped)
+        crop = tf.image.stateless_random_flip_left_right(crop, seed=seed[::-1])
+        return to_uint8(self._resize(crop))
+
+    def _window(self, shape, seed):
+        """The random crop's (begin, extent) in an image of `shape` (H, W, C)."""
+        begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape,
+            tf.zeros([1, 0, 4]),
+            seed=seed,
+            area_range=self.crop_area,
+            aspect_ratio_range=(0.75, 1.333),
+            min_object_covered=0.0,
+            use_image_if_no_bounding_boxes=True,
+        )
+        return begin, extent
 
     def eval(self, image):
         return self._resize(tf.image.central_crop(image, self.eval_crop))
@@ -112,6 +139,11 @@ class PixelAugmentation:
         return image
 
 
+def to_uint8(image):
+    """Float pixels in [0, 255] -> uint8, rounded."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
 def preprocessing_for(source: Source):
     """The default preprocessing of a source's kind (gin configures each)."""
     return PixelAugmentation() if source.kind == "pixels" else ImagePreprocessing()
@@ -136,6 +168,37 @@ def _load(source: Source):
         return decode(reader.parse_image(serialized))
 
     return load
+
+
+def _encoded(source: Source):
+    """index -> the example's encoded image bytes (files and records)."""
+    if source.kind == "file":
+        paths = tf.constant(source.items.astype(str))
+        return lambda i: tf.io.read_file(tf.gather(paths, i))
+    reader, records = source.reader, source.items
+
+    def encoded(i):
+        serialized = tf.numpy_function(
+            lambda i: reader.read(records[i]), [i], tf.string, stateful=False
+        )
+        serialized.set_shape([])
+        return reader.parse_image(serialized)
+
+    return encoded
+
+
+def _read_records(source: Source, indices: np.ndarray) -> np.ndarray:
+    """The serialized records of `indices`, in one call (one Python entry per batch, not
+    per record; `os.pread` releases the GIL). A record that cannot be read is b"", which
+    fails to parse, so its row is substituted like any unreadable image."""
+    reader, records = source.reader, source.items
+    out = np.empty(len(indices), object)
+    for position, i in enumerate(indices):
+        try:
+            out[position] = reader.read(records[i])
+        except OSError:
+            out[position] = b""
+    return out
 
 
 def substitutes(labels) -> np.ndarray:
@@ -199,6 +262,11 @@ def _every_row(batches, expected, source: Source, prepare):
         yield tf.constant(full), labels, ok
 
 
+# Global batches decoded at once: each is decoded in parallel inside, so a few in flight
+# keep every core busy while a slow batch (a cold disk, large JPEGs) is still decoding.
+STEPS_IN_FLIGHT = 4
+
+
 def train_batches(
     source: Source,
     sampler: PKSampler,
@@ -209,32 +277,61 @@ def train_batches(
 ):
     """(images, labels, ok) of rows [start, end) of global batches first_step..last_step-1.
 
-    `ok` is False for a row whose image could not be read and was substituted.
+    Images of files and records are uint8 (the step makes them float on the device),
+    pixels float32. `ok` is False for a row whose image could not be read and was
+    substituted.
     """
     start, end = rows
     preprocessing = preprocessing or preprocessing_for(source)
-    load = _load(source)
     seed = tf.constant(sampler.seed, tf.int64)
+    from_bytes = source.kind != "pixels" and hasattr(preprocessing, "train_encoded")
 
     def rows_of(step):
         return sampler.global_batch(step)[start:end], np.arange(start, end) + (
             step * sampler.global_batch_size
         )
 
+    if from_bytes:
+        encoded = _encoded(source)
+
+        def prepare(index, global_row):  # one example by index (also a substitute)
+            return preprocessing.train_encoded(encoded(index), tf.stack([seed, global_row]))
+
+        def prepare_record(serialized, global_row):
+            image = source.reader.parse_image(serialized)
+            return preprocessing.train_encoded(image, tf.stack([seed, global_row]))
+    else:
+        load = _load(source)
+
+        def prepare(index, global_row):
+            return preprocessing.train(load(index), tf.stack([seed, global_row]))
+
     def step_batch(step):
         picked, global_rows = tf.numpy_function(
             lambda s: rows_of(int(s)), [step], (tf.int64, tf.int64), stateful=False
         )
         picked, global_rows = tf.reshape(picked, [end - start]), tf.reshape(global_rows, [-1])
+        if from_bytes and source.kind == "record":
+            serialized = tf.numpy_function(
+                lambda indices: _read_records(source, indices),
+                [picked],
+                tf.string,
+                stateful=False,
+            )
+            serialized.set_shape([end - start])
+            rows = tf.data.Dataset.from_tensor_slices((serialized, global_rows))
+            return _decoded(source, rows, end - start, prepare_record)
         rows = tf.data.Dataset.from_tensor_slices((picked, global_rows))
         return _decoded(source, rows, end - start, prepare)
 
-    def prepare(index, global_row):
-        return preprocessing.train(load(index), tf.stack([seed, global_row]))
-
     batches = (
         tf.data.Dataset.range(first_step, last_step)
-        .interleave(step_batch, cycle_length=2, num_parallel_calls=2, deterministic=True)
+        .interleave(
+            step_batch,
+            cycle_length=STEPS_IN_FLIGHT,
+            num_parallel_calls=STEPS_IN_FLIGHT,
+            deterministic=True,
+        )
         .prefetch(AUTOTUNE)
     )
     expected = (rows_of(step) for step in range(first_step, last_step))

@@ -321,7 +321,10 @@ def test_a_failure_only_one_rank_meets_is_shown_with_its_rank_and_host(tmp_path,
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
     params = ("import node_local_model", "train.model=@node_local_model.build")
     done = run_job(tmp_path / "w", params, HOROVOD_2, check=False, timeout=180)
-    assert done.returncode == 2, done.stderr[-2000:]
+    # Rank 0, waiting on rank 1 in a collective, may die of the lost peer before
+    # horovodrun records rank 1's exit 2: the status is not failure-specific, the line is.
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert done.stderr.count("error: ") == 1, done.stderr[-2000:]
     line = f"error: rank 1 on host {socket.gethostname()}: backbone weights /models/r50.h5"
     assert done.stderr.count(line) == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr

@@ -47,7 +47,7 @@ def replica_step(
     result = loss_and_gradients(
         loss,
         replicas,
-        lambda x: model(x, training=True),
+        lambda x: model(as_float(x), training=True),
         variables,
         inputs,
         labels,
@@ -73,6 +73,11 @@ def replica_step(
     else:
         replicas.apply_gradients(optimizer, grads, variables, only_if=finite)
     return metrics_vector(result.loss, result.stats, finite), result.terms
+
+
+def as_float(images):
+    """Integer pixels (the pipeline's uint8 batches) as float32, here on the device."""
+    return tf.cast(images, tf.float32) if images.dtype.is_integer else images
 
 
 def metrics_vector(loss_value, stats: dict, finite) -> tf.Tensor:

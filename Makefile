@@ -28,6 +28,7 @@ bench: install
 	$(PYTHON) -m bench.fit
 	$(PYTHON) -m bench.elastic
 	$(PYTHON) -m bench.scale
+	$(PYTHON) -m bench.pipeline
 	$(PYTHON) -m bench.quality
 
 clean:

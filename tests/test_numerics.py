@@ -4,6 +4,7 @@ checkpoints NaN weights; with train.nonfinite='skip' such steps are left out and
 import os
 import subprocess
 import sys
+import types
 
 import keras
 import numpy as np
@@ -142,3 +143,37 @@ def test_a_nan_gradient_on_one_horovod_worker_changes_no_weight_on_any():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for rank in (0, 1):
         assert f"RANK {rank} finite_gradients=0.0 unchanged=True iterations=0" in done.stdout
+
+
+def test_the_loop_reads_the_device_only_at_log_checkpoint_and_print_steps(tmp_path, monkeypatch):
+    """No host sync a step: the metrics wait on the device and are read together at the
+    first step's print and at each log or checkpoint step; the one collective outside
+    the step (stop requests, unreadable images) runs at those deterministic steps only."""
+    from trainer import loop
+
+    reads, agreements = [], []
+
+    def stack(vectors):
+        reads.append(len(vectors))
+        return tf.stack(vectors)
+
+    class Counted(Replicas):
+        def sum_over_processes(self, array):
+            if len(array) > 1 and array[0] in (0, 1, False, True):
+                agreements.append(len(array) - 1)  # the steps it speaks for
+            return super().sum_over_processes(array)
+
+    monkeypatch.setattr(loop, "tf", types.SimpleNamespace(stack=stack))
+    train(
+        str(tmp_path),
+        Counted(),
+        steps=20,
+        log_every=5,
+        checkpoint_every=10,
+        eval_every=1000,
+        progress_seconds=1e9,
+        export_model=False,
+    )
+    assert reads == [1, 4, 5, 5, 5]  # step 1 (printed), then steps 5, 10, 15, 20
+    assert agreements == [5, 5, 5, 5]
+    assert sorted(scalars(tmp_path, "train/loss")) == [5, 10, 15, 20]

@@ -16,6 +16,7 @@ import typing
 
 import gin
 import numpy as np
+import tensorflow as tf
 
 from data.errors import InputError
 from data.pipeline import listed, train_batches, unreadable
@@ -25,6 +26,7 @@ from trainer.learner import OPTIMIZERS, PRECISIONS, Learner, build_learner
 from trainer.model import digits_convnet
 from trainer.outputs import Outputs, duration, final_summary, open_outputs, write_results
 from trainer.preemption import StopRequest
+from trainer.train_step import metrics_of
 
 MEMORY_TAG = "memory_negative_fraction"  # written only with train.cross_batch_memory
 MINED_LOSSES = tuple(c.__name__ for c in LOSS_CLASSES if hasattr(c, "terms"))
@@ -309,23 +311,42 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
     )
     last_print = window_start = time.time()
     window_steps, results, skipped = 0, {}, 0
+    pending = []  # (step, metrics on the device) not read yet
+    unreadable_steps = []  # steps with a row of this process substituted, not yet agreed
+    agreed = start  # the last step whose stop and unreadable rows the processes agreed on
     for step, (images, labels, ok) in zip(range(start + 1, last_step + 1), batches, strict=True):
-        metrics = learner.step_fn.run_local(images, labels, global_size=c.global_batch_size)
-        # One small collective a step: a stop request, or an unreadable image, anywhere.
-        stop_requested, unreadable_rows = job.replicas.sum_over_processes(
-            [stop.requested, np.size(ok) - np.count_nonzero(ok)]
-        )
-        if unreadable_rows:
-            _unreadable_in_step(job, step)
+        pending.append((step, learner.step_fn.dispatch(images, labels, c.global_batch_size)))
+        if not np.all(ok):
+            unreadable_steps.append(step)
         window_steps += 1
-        skipped += _check_finite(job, metrics, step)
+        logged = step % c.log_every == 0 or step == steps
+        saved = step % c.checkpoint_every == 0 or step == last_step
+        evaluated = step % c.eval_every == 0 or step == steps
         now = time.time()
-        rate = window_steps * c.global_batch_size / max(now - window_start, 1e-9)
-        if step % c.log_every == 0 or step == steps:
-            _log_step(job, step, metrics, rate, skipped)
-        if now - last_print >= c.progress_seconds or step in (start + 1, last_step):
-            _print_progress(job, step, metrics, rate, compiling=step == start + 1)
-            last_print, window_start, window_steps = now, now, 0
+        printed = now - last_print >= c.progress_seconds or step in (start + 1, last_step)
+        stop_requested = False
+        if logged or saved or evaluated:
+            # The same steps on every process: the one collective outside the steps (a
+            # stop request, or images unreadable at run time, anywhere), and the steps'
+            # metrics read from the device at once.
+            bad_rows = np.isin(np.arange(agreed + 1, step + 1), unreadable_steps)
+            stop_requested, *unreadable_by_step = job.replicas.sum_over_processes(
+                [stop.requested, *bad_rows]
+            )
+            for bad_step in np.flatnonzero(unreadable_by_step) + agreed + 1:
+                _unreadable_in_step(job, int(bad_step))
+            unreadable_steps, agreed = [], step
+        if logged or saved or evaluated or printed:
+            read = np.asarray(tf.stack([vector for _, vector in pending]))
+            for (done, _), vector in zip(pending, read, strict=True):
+                skipped += _check_finite(job, metrics_of(vector), done)
+            metrics, pending = metrics_of(read[-1]), []
+            rate = window_steps * c.global_batch_size / max(now - window_start, 1e-9)
+            if logged:
+                _log_step(job, step, metrics, rate, skipped)
+            if printed:
+                _print_progress(job, step, metrics, rate, compiling=step == start + 1)
+                last_print, window_start, window_steps = now, now, 0
         if stop_requested and step < last_step:
             out.checkpoints.save(step)  # and straight out: the scheduler's grace is short
             say(
@@ -336,9 +357,9 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
             )
             out.summaries.flush()
             return results
-        if step % c.checkpoint_every == 0 or step == last_step:
+        if saved:
             out.checkpoints.save(step)
-        if step % c.eval_every == 0 or step == steps:
+        if evaluated:
             results, embeddings = out.evaluate(step)
         if after_step is not None:
             after_step(step)

@@ -97,8 +97,14 @@ def metrics_vector(loss_value, stats: dict, finite) -> tf.Tensor:
     )
 
 
+def metrics_of(vector) -> dict:
+    """A METRICS vector (a tensor, or its numpy values) as {name: float}."""
+    values = np.asarray(vector, np.float64).tolist()
+    return dict(zip(METRICS, values, strict=True))
+
+
 class TrainStep:
-    """Compiled train step on any backend; returns the global metrics as Python floats.
+    """Compiled train step on any backend; gives the global metrics (METRICS).
 
     `cross_replica_negative_fraction` is what global mining buys: the share of the chosen
     negatives that another replica owns (0 with `cross_replica_mining=False`). The
@@ -145,17 +151,22 @@ class TrainStep:
         )
         return metrics, terms.positive_distances, terms.negative_distances
 
-    def run_local(self, images, labels, global_size: int) -> dict:
-        """One step on this process's rows of a global batch of `global_size` rows
-        (see `Replicas.process_rows`)."""
+    def dispatch(self, images, labels, global_size: int) -> tf.Tensor:
+        """One step on this process's rows of a global batch of `global_size` rows (see
+        `Replicas.process_rows`), without waiting for it: the METRICS vector stays on the
+        device until read (`metrics_of`), so the host prepares and copies the next batch
+        while this step runs."""
         distributed = self.replicas.distribute(images, labels, global_size=global_size)
         metrics, positive, negative = self.replicas.run(
             self._compiled, distributed, {"replica_rows": self.replicas.replica_rows(global_size)}
         )
         first = lambda v: self.replicas.local_results(v)[0]  # noqa: E731
         self.last_distances = {"positive": first(positive), "negative": first(negative)}
-        values = np.asarray(first(metrics), np.float64).tolist()
-        return dict(zip(METRICS, values, strict=True))
+        return first(metrics)
+
+    def run_local(self, images, labels, global_size: int) -> dict:
+        """`dispatch`, waited for: the step's metrics as Python floats."""
+        return metrics_of(self.dispatch(images, labels, global_size))
 
     def __call__(self, global_images, global_labels) -> dict:
         """One step on the global batch (each process reads its rows, each replica its slice)."""

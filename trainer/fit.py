@@ -26,7 +26,7 @@ import tensorflow as tf
 from trainer.global_loss import loss_and_statistics
 from trainer.placement import place_worker
 from trainer.replicas import HorovodReplicas, from_context, launched_by_horovodrun
-from trainer.train_step import METRICS, metrics_vector, replica_step
+from trainer.train_step import METRICS, metrics_vector, model_forward, replica_step
 
 if launched_by_horovodrun():
     # Before the user's script builds a model: each worker the GPU of its local rank.
@@ -46,9 +46,17 @@ class GlobalMiningModel(keras.Model):
     `predict` and `__call__` return the embeddings; `evaluate` gives the loss of each
     global batch, mined the same way. `cross_replica_mining=False` mines each replica's
     slice alone (the usual data-parallel behaviour, for comparison).
+    `jit_compile_model=True` compiles the embedding model's forward and backward passes
+    with XLA; the mining stays outside, as its shapes depend on the labels.
     """
 
-    def __init__(self, embedding_model: keras.Model, cross_replica_mining: bool = True, **kwargs):
+    def __init__(
+        self,
+        embedding_model: keras.Model,
+        cross_replica_mining: bool = True,
+        jit_compile_model: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not isinstance(embedding_model, keras.Model):
             raise TypeError(
@@ -57,6 +65,8 @@ class GlobalMiningModel(keras.Model):
             )
         self.embedding_model = embedding_model
         self.cross_replica_mining = bool(cross_replica_mining)
+        self.jit_compile_model = bool(jit_compile_model)
+        self._forward = model_forward(embedding_model, self.jit_compile_model)
         self.replicas = from_context()
         self._means = EpochMeans(FIT_METRICS)
 
@@ -92,7 +102,8 @@ class GlobalMiningModel(keras.Model):
             raise ValueError(
                 "GlobalMiningModel cannot be compiled with jit_compile=True: the mining's "
                 "shapes depend on the labels (how many positives each anchor has), which XLA "
-                "cannot compile. Leave jit_compile at 'auto' or False (both run without XLA)."
+                "cannot compile. Leave jit_compile at 'auto' or False, and compile the "
+                "embedding model alone with GlobalMiningModel(..., jit_compile_model=True)."
             )
         super().compile(optimizer=optimizer, loss=loss, jit_compile=False, **kwargs)
 
@@ -136,6 +147,7 @@ class GlobalMiningModel(keras.Model):
             self.cross_replica_mining,
             self._replica_rows(y),
             check_finite=False,  # fit's logs leave finite_gradients out
+            forward=self._forward,
         )
         return self._logged(metrics)
 
@@ -179,6 +191,7 @@ class GlobalMiningModel(keras.Model):
             "trainable": self.trainable,
             "embedding_model": keras.saving.serialize_keras_object(self.embedding_model),
             "cross_replica_mining": self.cross_replica_mining,
+            "jit_compile_model": self.jit_compile_model,
         }
 
     @classmethod

@@ -80,11 +80,13 @@ def build_learner(
     seed: int,
     say,
     cross_batch_memory: int = 0,
+    jit_compile_model: bool = False,
 ) -> Learner:
     """`model()` under `precision`, seeded, with the named optimizer on the warm-up/cosine
     schedule. `nonfinite='skip'` wraps the optimizer in a loss-scale optimizer of scale 1,
     whose skipping of non-finite steps is what 'skip' needs. `cross_batch_memory` > 0
-    keeps that many examples of past global batches as extra keys."""
+    keeps that many examples of past global batches as extra keys. `jit_compile_model`
+    compiles the model's forward and backward passes with XLA (not the mining)."""
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(seed)
     base_rate = learning_rate * (replicas.size if scale_learning_rate else 1)
@@ -107,7 +109,9 @@ def build_learner(
         memory = None
         if cross_batch_memory:
             memory = KeyMemory(cross_batch_memory, _embedding_width(embedding_model))
-    step_fn = TrainStep(embedding_model, opt, loss, replicas, cross_replica_mining, memory)
+    step_fn = TrainStep(
+        embedding_model, opt, loss, replicas, cross_replica_mining, memory, jit_compile_model
+    )
     return Learner(embedding_model, opt, schedule, step_fn)
 
 

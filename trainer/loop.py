@@ -63,6 +63,7 @@ def train(
     stop_after_steps: int | None = None,
     nonfinite: str = "stop",
     elastic_commit_every: int = 10,
+    jit_compile_model: bool = False,
     assembled=None,
 ) -> dict:
     """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
@@ -114,6 +115,7 @@ def train(
         seed,
         say,
         cross_batch_memory,
+        jit_compile_model,
     )
     if assembled is not None:
         assembled()  # every configurable has been built: nothing more will read a binding

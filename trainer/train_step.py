@@ -32,11 +32,13 @@ def replica_step(
     replica_rows=None,
     memory=None,
     check_finite: bool = True,
+    forward=None,
 ):
     """One replica's part of a training step, inside `Replicas.run` (or a Keras
     `train_step`): the loss mined over the global batch, the update, and the global
     metrics as one vector in the order of METRICS. Also returns this replica's terms.
 
+    `forward` (default `model_forward(model)`) embeds the inputs in training mode.
     `check_finite=False` leaves out the scan of every gradient for `finite_gradients`
     (reported as 1) when nobody reads it; a loss-scale optimizer always needs it. With
     the check, a step whose global loss or any replica's gradient is not finite changes
@@ -47,7 +49,7 @@ def replica_step(
     result = loss_and_gradients(
         loss,
         replicas,
-        lambda x: model(as_float(x), training=True),
+        forward or model_forward(model),
         variables,
         inputs,
         labels,
@@ -73,6 +75,17 @@ def replica_step(
     else:
         replicas.apply_gradients(optimizer, grads, variables, only_if=finite)
     return metrics_vector(result.loss, result.stats, finite), result.terms
+
+
+def model_forward(model, jit_compile: bool = False):
+    """The model in training mode on float inputs. `jit_compile`: its forward pass, and
+    so its backward pass, compiled by XLA; the mining stays outside (its shapes depend on
+    the labels, which XLA cannot compile)."""
+
+    def forward(images):
+        return model(as_float(images), training=True)
+
+    return tf.function(forward, jit_compile=True) if jit_compile else forward
 
 
 def as_float(images):
@@ -120,8 +133,10 @@ class TrainStep:
         replicas: Replicas,
         cross_replica_mining: bool = True,
         memory=None,
+        jit_compile_model: bool = False,
     ):
         self.model, self.optimizer, self.loss = model, optimizer, loss
+        self.forward = model_forward(model, jit_compile_model)
         self.replicas = replicas
         self.cross_replica_mining = cross_replica_mining
         self.memory = memory  # trainer.memory.KeyMemory, or None
@@ -148,6 +163,7 @@ class TrainStep:
             self.cross_replica_mining,
             replica_rows,
             self.memory,
+            forward=self.forward,
         )
         return metrics, terms.positive_distances, terms.negative_distances
 

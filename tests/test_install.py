@@ -123,9 +123,9 @@ def test_the_stamp_changes_with_the_tensorflow_package_and_gpu_operations(tmp_pa
     """This checkout's venv was installed with the defaults (`make test` installs first):
     the plan says it is up to date, and names what it installed; another TensorFlow
     package or other GPU operations would reinstall."""
-    assert plan(tmp_path)["venv"].strip().startswith("up to date (TensorFlow 2.21")
-    assert "CPU build" in plan(tmp_path)["venv"]
-    assert "Horovod 0.28.1 (frameworks TensorFlow" in plan(tmp_path)["venv"]
+    venv = plan(tmp_path)["venv"]
+    assert venv.strip().startswith("up to date (TensorFlow 2.21")
+    assert "CPU build" in venv and "Horovod 0.28.1 (frameworks TensorFlow" in venv
     other_package = plan(tmp_path, TF_PACKAGE="tensorflow[and-cuda]==2.21.*")["venv"]
     other_operations = plan(tmp_path, HOROVOD_GPU_OPERATIONS="NCCL")["venv"]
     for venv in (other_package, other_operations):

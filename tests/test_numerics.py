@@ -177,3 +177,34 @@ def test_the_loop_reads_the_device_only_at_log_checkpoint_and_print_steps(tmp_pa
     assert reads == [1, 4, 5, 5, 5]  # step 1 (printed), then steps 5, 10, 15, 20
     assert agreements == [5, 5, 5, 5]
     assert sorted(scalars(tmp_path, "train/loss")) == [5, 10, 15, 20]
+
+
+def test_the_next_batch_goes_to_the_devices_before_the_loop_waits_on_a_step(tmp_path, monkeypatch):
+    """After dispatching step s the loop stages batch s + 1 (its copy to the devices then
+    overlaps step s) before anything that waits on the device (a read of metrics)."""
+    from trainer import loop
+
+    events = []
+    stage, dispatch = TrainStep.stage, TrainStep.dispatch_staged
+
+    def staging(self, *args):
+        events.append("stage")
+        return stage(self, *args)
+
+    def dispatching(self, staged):
+        events.append("step")
+        return dispatch(self, staged)
+
+    def reading(vectors):
+        events.append("read")
+        return tf.stack(vectors)
+
+    monkeypatch.setattr(TrainStep, "stage", staging)
+    monkeypatch.setattr(TrainStep, "dispatch_staged", dispatching)
+    monkeypatch.setattr(loop, "tf", types.SimpleNamespace(stack=reading))
+    common = dict(steps=4, log_every=2, checkpoint_every=100, eval_every=100)
+    train(str(tmp_path), Replicas(), progress_seconds=1e9, export_model=False, **common)
+    # step 1 is printed, steps 2 and 4 logged; the final evaluation reads nothing here.
+    assert " ".join(events) == ("stage step stage read step stage read step stage step read"), (
+        events
+    )

@@ -311,13 +311,25 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
     batches = train_batches(
         data.train_source, data.sampler, rows, start, last_step, data.train_preprocessing
     )
+
+    def staged(step: int):
+        """Batch `step` from the pipeline, put on the devices, and its `ok` rows."""
+        images, labels, ok = next(batches, (None, None, None))
+        if images is None:
+            raise RuntimeError(f"the input pipeline ended before step {step} of {last_step}")
+        return learner.step_fn.stage(images, labels, c.global_batch_size), ok
+
     last_print = window_start = time.time()
     window_steps, results, skipped = 0, {}, 0
     pending = []  # (step, metrics on the device) not read yet
     unreadable_steps = []  # steps with a row of this process substituted, not yet agreed
     agreed = start  # the last step whose stop and unreadable rows the processes agreed on
-    for step, (images, labels, ok) in zip(range(start + 1, last_step + 1), batches, strict=True):
-        pending.append((step, learner.step_fn.dispatch(images, labels, c.global_batch_size)))
+    upcoming = staged(start + 1) if start < last_step else None
+    for step in range(start + 1, last_step + 1):
+        inputs, ok = upcoming
+        pending.append((step, learner.step_fn.dispatch_staged(inputs)))
+        if step < last_step:
+            upcoming = staged(step + 1)  # copied to the devices while this step runs
         if not np.all(ok):
             unreadable_steps.append(step)
         window_steps += 1
@@ -365,6 +377,8 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
             results, embeddings = out.evaluate(step)
         if after_step is not None:
             after_step(step)
+    if next(batches, None) is not None:  # also where the pipeline checks its own count
+        raise RuntimeError(f"the input pipeline gave more batches than the steps to {last_step}")
     if last_step < steps:
         say(
             f"stopped at step {last_step} of {steps} (train.stop_after_steps="

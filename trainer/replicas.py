@@ -12,6 +12,7 @@ broadcast of initial weights. Nothing else in the trainer branches on the backen
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 
@@ -101,8 +102,11 @@ class Replicas:
 
     def distribute(self, *local_arrays, global_size: int):
         """This process's rows (`process_rows(global_size)`) split among its local
-        replicas, ready for `run`."""
-        return tuple(tf.convert_to_tensor(a) for a in local_arrays)
+        replicas, ready for `run`: on each replica's device (the copy is issued now, so
+        staged while an earlier step runs it overlaps that step)."""
+        gpu = _default_gpu()
+        with tf.device(gpu) if gpu else contextlib.nullcontext():
+            return tuple(tf.identity(tf.convert_to_tensor(a)) for a in local_arrays)
 
     def split(self, *global_arrays):
         """Each replica's contiguous slice of the global batch, ready for `run`."""
@@ -383,6 +387,14 @@ class HorovodReplicas(Replicas):
 
     def sum_gradients(self, grads):
         return self.hvd.grouped_allreduce(list(grads), op=self.hvd.Sum)
+
+
+@functools.cache
+def _default_gpu() -> str | None:
+    """The GPU a one-replica process computes on (a Horovod worker sees only its own,
+    see trainer/placement.py), or None on a CPU."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else None
 
 
 def _applied_if(condition, apply) -> None:

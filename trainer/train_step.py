@@ -167,18 +167,26 @@ class TrainStep:
         )
         return metrics, terms.positive_distances, terms.negative_distances
 
-    def dispatch(self, images, labels, global_size: int) -> tf.Tensor:
-        """One step on this process's rows of a global batch of `global_size` rows (see
-        `Replicas.process_rows`), without waiting for it: the METRICS vector stays on the
-        device until read (`metrics_of`), so the host prepares and copies the next batch
-        while this step runs."""
-        distributed = self.replicas.distribute(images, labels, global_size=global_size)
+    def stage(self, images, labels, global_size: int):
+        """This process's rows of a global batch of `global_size` rows (see
+        `Replicas.process_rows`) put on its replicas' devices, for `dispatch_staged`.
+        Staged while an earlier step runs, the copy overlaps that step."""
+        return self.replicas.distribute(images, labels, global_size=global_size), global_size
+
+    def dispatch_staged(self, staged) -> tf.Tensor:
+        """One step on a `stage`d batch, without waiting for it: the METRICS vector stays
+        on the device until read (`metrics_of`)."""
+        inputs, global_size = staged
         metrics, positive, negative = self.replicas.run(
-            self._compiled, distributed, {"replica_rows": self.replicas.replica_rows(global_size)}
+            self._compiled, inputs, {"replica_rows": self.replicas.replica_rows(global_size)}
         )
         first = lambda v: self.replicas.local_results(v)[0]  # noqa: E731
         self.last_distances = {"positive": first(positive), "negative": first(negative)}
         return first(metrics)
+
+    def dispatch(self, images, labels, global_size: int) -> tf.Tensor:
+        """`stage` then `dispatch_staged`."""
+        return self.dispatch_staged(self.stage(images, labels, global_size))
 
     def run_local(self, images, labels, global_size: int) -> dict:
         """`dispatch`, waited for: the step's metrics as Python floats."""

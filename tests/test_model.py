@@ -1,4 +1,7 @@
-"""Models: the digits net, backbones and their weights, synchronized BatchNorm, precision."""
+"""Models: the digits and small-image nets, backbones and their weights, synchronized
+BatchNorm, precision."""
+
+import re
 
 import keras
 import numpy as np
@@ -9,7 +12,13 @@ import losses
 from data.errors import InputError
 from tests.cross_replica_case import global_batch, mirrored
 from trainer.global_loss import loss_and_gradients
-from trainer.model import backbone_embedding, digits_convnet, imagenet_weights, sync_batchnorm
+from trainer.model import (
+    backbone_embedding,
+    digits_convnet,
+    imagenet_weights,
+    small_convnet,
+    sync_batchnorm,
+)
 from trainer.replicas import Replicas
 
 
@@ -19,6 +28,39 @@ def test_digits_convnet_gives_unit_embeddings():
         out = digits_convnet(width=8, pool=pool, embedding_dim=dim)(x).numpy()
         assert out.shape == (5, size)
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "size, widths, channels, dim, features",
+    [
+        (28, (8, 16), 1, None, 4 * 4 * 16),  # 28 -> 14 -> pooled by 3 to 4x4
+        (32, (8, 16), 3, None, 4 * 4 * 16),  # 32 -> 16 -> pooled by 4
+        (128, (4, 8, 8), 3, None, 4 * 4 * 8),  # 128 -> 64 -> 32 -> pooled by 8
+        (64, (8,), 3, 12, 12),  # one layer and a head
+    ],
+)
+def test_small_convnet_takes_small_rgb_or_grayscale_images(size, widths, channels, dim, features):
+    x = np.random.default_rng(0).integers(0, 255, (3, size, size, channels)).astype(np.float32)
+    model = small_convnet(image_size=size, widths=widths, embedding_dim=dim, channels=channels)
+    out = model(x).numpy()
+    assert out.shape == (3, features)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    assert model(x * 0 + 255).numpy().std(axis=0).max() < 1e-6  # same image, same vector
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(image_size=16), "small_convnet.image_size must be 28 to 128 (pixels), got 16"),
+        (dict(image_size=256), "small_convnet.image_size must be 28 to 128"),
+        (dict(widths=()), "small_convnet.widths must be whole numbers >= 1, got ()"),
+        (dict(channels=2), "small_convnet.channels must be 1 or 3, got 2"),
+        (dict(embedding_dim=0), "small_convnet.embedding_dim must be None or >= 1, got 0"),
+    ],
+)
+def test_small_convnet_names_a_bad_setting(settings, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        small_convnet(**settings)
 
 
 def test_backbone_embedding_builds_without_weights_and_explains_missing_ones(tmp_path, monkeypatch):

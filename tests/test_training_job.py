@@ -329,3 +329,31 @@ def test_a_failure_only_one_rank_meets_is_shown_with_its_rank_and_host(tmp_path,
     line = f"error: rank 1 on host {socket.gethostname()}: backbone weights /models/r50.h5"
     assert done.stderr.count(line) == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_a_users_own_model_from_a_module_outside_the_project(tmp_path, monkeypatch):
+    """The README's recipe: a module of the user's registered with gin, imported by the
+    user's config, named as train.model; its bindings apply like the project's."""
+    (tmp_path / "my_models.py").write_text(
+        "import gin\n"
+        "import keras\n\n"
+        "@gin.configurable\n"
+        "def build(width=16):\n"
+        "    return keras.Sequential([\n"
+        "        keras.Input((8, 8, 1)),\n"
+        "        keras.layers.Conv2D(width, 3, padding='same', activation='relu'),\n"
+        "        keras.layers.GlobalAveragePooling2D(),\n"
+        "        keras.layers.UnitNormalization(),\n"
+        "    ], name='my_net')\n"
+    )
+    config = tmp_path / "my_job.gin"
+    config.write_text(
+        "include 'digits.gin'\nimport my_models\n\n"
+        "train.model = @my_models.build\nmy_models.build.width = 8\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    params = ("distribute.strategy='single'", "train.steps=2", "train.export_model=False")
+    done = run_job(tmp_path / "w", params, extra=(f"--gin_file={config}",))
+    assert "80 parameters" in done.stdout  # 3*3*1*8 + 8: the width-8 net, not width 16
+    operative = (tmp_path / "w" / "operative_config.gin").read_text()
+    assert "train.model = @my_models.build" in operative and "width = 8" in operative

@@ -50,6 +50,54 @@ def digits_convnet(width: int = 64, pool: int = 4, embedding_dim: int | None = N
     return keras.Sequential(layers, name="digits_embedding")
 
 
+@gin.configurable
+def small_convnet(
+    image_size: int = 32,
+    widths: tuple = (32, 64),
+    embedding_dim: int | None = None,
+    channels: int = 3,
+    grid: int = 4,
+) -> keras.Model:
+    """A conv net for small images (28 to 128 px, RGB or grayscale) in [0, 255]: a 3×3
+    conv layer (ReLU) per entry of `widths`, 2×2 average pooling between them, average
+    pooling to a `grid`×`grid` map, flattened, L2-normalized.
+
+    Like `digits_convnet` it keeps the coarse spatial layout and has no projection head
+    unless `embedding_dim` is set: on small product photos a trained dense head after
+    global pooling collapses onto the training classes and carries over worse to
+    classes it never saw (see BENCHMARKS.md, bench.real).
+    """
+    if not (isinstance(image_size, int) and 28 <= image_size <= 128):
+        raise InputError(
+            f"small_convnet.image_size must be 28 to 128 (pixels), got {image_size!r}."
+        )
+    widths = tuple(widths)
+    if not widths or not all(isinstance(w, int) and w >= 1 for w in widths):
+        raise InputError(f"small_convnet.widths must be whole numbers >= 1, got {widths!r}.")
+    if channels not in (1, 3):
+        raise InputError(f"small_convnet.channels must be 1 or 3, got {channels!r}.")
+    if embedding_dim is not None and not (isinstance(embedding_dim, int) and embedding_dim >= 1):
+        raise InputError(
+            f"small_convnet.embedding_dim must be None or >= 1, got {embedding_dim!r}."
+        )
+    if not (isinstance(grid, int) and grid >= 1):
+        raise InputError(f"small_convnet.grid must be a whole number >= 1, got {grid!r}.")
+    layers = [keras.Input((image_size, image_size, channels)), keras.layers.Rescaling(1 / 255)]
+    side = image_size
+    for i, width in enumerate(widths):
+        if i:
+            layers.append(keras.layers.AveragePooling2D(2))
+            side //= 2
+        layers.append(keras.layers.Conv2D(width, 3, padding="same", activation="relu"))
+    if side // grid > 1:
+        layers.append(keras.layers.AveragePooling2D(side // grid))
+    layers.append(keras.layers.Flatten())
+    if embedding_dim:
+        layers.append(keras.layers.Dense(embedding_dim))
+    layers.append(keras.layers.UnitNormalization())
+    return keras.Sequential(layers, name="small_convnet")
+
+
 def imagenet_weights(backbone: str) -> str:
     """Path of the backbone's ImageNet weights in the Keras cache; a clear error if absent."""
     pattern = BACKBONES[backbone][1]

@@ -182,3 +182,23 @@ def test_imagenet_weights_are_loaded_from_the_keras_cache(tmp_path, monkeypatch)
     backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
     for loaded, written in zip(backbone.weights, source.weights, strict=True):
         np.testing.assert_array_equal(loaded.numpy(), written.numpy())
+
+
+def test_the_export_is_checked_against_the_evaluated_embeddings(tmp_path):
+    import types
+
+    from data.pipeline import eval_batches
+    from data.sources import digits
+    from trainer import export
+    from trainer.outputs import ExportMismatch, check_export
+
+    data = types.SimpleNamespace(eval_source=digits(classes=(6, 10)), eval_preprocessing=None)
+    model = digits_convnet(width=8)
+    images, _, _ = next(iter(eval_batches(data.eval_source, [(0, 100)])))
+    evaluated = model(images, training=False).numpy()
+    path = export.saved_model(model, str(tmp_path / "saved_model"))
+    assert check_export(path, evaluated, data) <= 1e-5
+    shifted = evaluated.copy()
+    shifted[3, 0] += 1e-3  # one entry of one of the first 64 rows
+    with pytest.raises(ExportMismatch, match=r"first 64 evaluation images 1\.00e-03 away"):
+        check_export(path, shifted, data)

@@ -240,7 +240,7 @@ def test_default_job_beats_raw_pixels_on_held_out_digits(tmp_path):
 
 def test_image_folder_job_with_a_backbone_from_the_cub_config(tmp_path):
     """gin/cub200.gin on a tiny image folder: the image pipeline, a keras.applications
-    backbone, synchronized BatchNorm and the export, end to end."""
+    backbone, synchronized and precise BatchNorm and the export, end to end."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -260,6 +260,8 @@ def test_image_folder_job_with_a_backbone_from_the_cub_config(tmp_path):
         "backbone_embedding.image_size=32",
         "backbone_embedding.embedding_dim=16",
         "backbone_embedding.weights=None",
+        "backbone_embedding.batchnorm='synchronized'",
+        "train.precise_batchnorm_batches=2",
         "train.precision=None",
         "train.steps=2",
         "train.global_batch_size=6",
@@ -270,7 +272,10 @@ def test_image_folder_job_with_a_backbone_from_the_cub_config(tmp_path):
     workdir = tmp_path / "cub"
     done = run_job(workdir, params, extra=("--gin_file=cub200",), timeout=600)
     assert "synchronized BatchNorm in" in done.stdout
+    assert "precise BatchNorm: 34 layer(s) re-estimated over 2 training batches" in done.stdout
     assert sorted(scalars(workdir, "train/loss")) == [1, 2]
+    assert set(scalars(workdir, "eval/mean_cosine")) == {2}
+    assert set(scalars(workdir, "train/mean_cosine")) == {2}
     results = json.loads((workdir / "results.json").read_text())
     assert set(results) == {"recall@1", "recall@8", "map@r"}
     exported = tf.saved_model.load(str(workdir / "saved_model"))

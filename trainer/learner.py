@@ -92,7 +92,7 @@ def build_learner(
     base_rate = learning_rate * (replicas.size if scale_learning_rate else 1)
     with replicas.scope():
         embedding_model = model()
-        if synchronized_batchnorm:
+        if synchronized_batchnorm or getattr(embedding_model, "synchronized_batchnorm", False):
             say(f"synchronized BatchNorm in {sync_batchnorm(embedding_model, replicas)} layers")
         schedule = learning_rate_schedule(base_rate, steps)
         opt = OPTIMIZERS[optimizer](

@@ -21,6 +21,7 @@ import tensorflow as tf
 from data.errors import InputError
 from data.pipeline import listed, train_batches, unreadable
 from losses import LOSS_CLASSES, TripletSemiHardLoss
+from trainer.batchnorm import COLLAPSED, BatchNormStatistics
 from trainer.job_data import JobData, load_data
 from trainer.learner import OPTIMIZERS, PRECISIONS, Learner, build_learner
 from trainer.model import digits_convnet
@@ -64,6 +65,7 @@ def train(
     nonfinite: str = "stop",
     elastic_commit_every: int = 10,
     jit_compile_model: bool = False,
+    precise_batchnorm_batches: int = 50,
     assembled=None,
 ) -> dict:
     """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
@@ -76,7 +78,10 @@ def train(
     job keeps its state in memory every `elastic_commit_every` steps (see
     trainer/elastic.py); after a worker dies it goes on from there. `assembled()` is
     called once every configurable of the job has been built, before anything is written
-    (the entry point refuses --gin_param bindings that nothing read).
+    (the entry point refuses --gin_param bindings that nothing read). A model with
+    training BatchNorm layers has their population statistics recomputed over
+    `precise_batchnorm_batches` training batches before each evaluation (0: off; see
+    trainer/batchnorm.py).
     """
     settings = dict(locals())
     _check_types(train, settings)
@@ -151,8 +156,10 @@ def train(
         progress_seconds,
         stop_after_steps,
         skip_nonfinite=nonfinite == "skip",
+        precise_batchnorm_batches=precise_batchnorm_batches,
     )
-    job = _Job(replicas, say, started, cadence, data, learner, outputs)
+    statistics = BatchNormStatistics(learner.model, replicas)
+    job = _Job(replicas, say, started, cadence, data, learner, outputs, statistics)
     with StopRequest() as stop:
         if replicas.elastic:
             return _run_elastic(job, stop, elastic_commit_every)
@@ -171,6 +178,7 @@ class Cadence:
     progress_seconds: float
     stop_after_steps: int | None
     skip_nonfinite: bool
+    precise_batchnorm_batches: int = 0
 
 
 @dataclasses.dataclass
@@ -184,6 +192,7 @@ class _Job:
     data: JobData
     learner: Learner
     outputs: Outputs
+    batchnorm: BatchNormStatistics  # precise BatchNorm and the collapse check
     unreadable_images: int = 0  # images unreadable at run time, replaced (on_corrupt='skip')
 
 
@@ -261,6 +270,11 @@ def _check_settings(s: dict, replicas) -> None:
     _check(
         s["precision"] in PRECISIONS,
         f"Unknown train.precision {s['precision']!r}; valid: {PRECISIONS}.",
+    )
+    _check(
+        s["precise_batchnorm_batches"] >= 0,
+        f"train.precise_batchnorm_batches must be >= 0 (0: off), got "
+        f"{s['precise_batchnorm_batches']}.",
     )
     memory = s["cross_batch_memory"]
     _check(memory >= 0, f"train.cross_batch_memory must be >= 0 (0: off), got {memory}.")
@@ -371,10 +385,11 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
             )
             out.summaries.flush()
             return results
+        train_cosine = _refresh_batchnorm(job, step) if evaluated else None
         if saved:
-            out.checkpoints.save(step)
+            out.checkpoints.save(step)  # with the re-estimated statistics
         if evaluated:
-            results, embeddings = out.evaluate(step)
+            results, embeddings = _evaluate(job, step, train_cosine)
         if after_step is not None:
             after_step(step)
     if next(batches, None) is not None:  # also where the pipeline checks its own count
@@ -386,10 +401,11 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
         )
         return results
     if not results:
-        results, embeddings = out.evaluate(max(start, steps))
+        final = max(start, steps)
+        results, embeddings = _evaluate(job, final, _refresh_batchnorm(job, final))
     out.summaries.flush()
     if job.replicas.is_chief:
-        write_results(out, learner.model, embeddings, data.eval_source, results)
+        write_results(out, learner.model, embeddings, data, results)
     say(final_summary(out, results, time.time() - job.started))
     return results
 
@@ -414,6 +430,7 @@ def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
         replicas = job.replicas
         job.learner.step_fn.retrace()
         job.outputs.evaluate.retrace()
+        job.batchnorm.retrace()
         job.outputs.summaries.enabled = replicas.is_chief
         # A worker count that does not divide the batch is not refused here, where losing
         # one worker of 8 would end the job: the first B mod N workers take a row more,
@@ -427,6 +444,58 @@ def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
         return _run(job, stop, state.step, after_step=commit)
 
     return elastic.run(attempt, state)
+
+
+def _refresh_batchnorm(job: _Job, step: int) -> float | None:
+    """Before evaluating at `step`: the training BatchNorm layers' population statistics
+    recomputed over the global batches of the last `train.precise_batchnorm_batches`
+    steps (0: only measured, over one batch). Returns the training-mode embeddings'
+    mean pairwise cosine; None for a model without training BatchNorm."""
+    if not job.batchnorm.layers:
+        return None
+    count = job.cadence.precise_batchnorm_batches
+    first = max(step - max(count, 1), 0)
+    rows = job.replicas.process_rows(job.cadence.global_batch_size)
+    data = job.data
+    batches = train_batches(
+        data.train_source,
+        data.sampler,
+        rows,
+        first,
+        first + max(count, 1),
+        data.train_preprocessing,
+    )
+    done = job.batchnorm(batches, job.cadence.global_batch_size, assign=count > 0)
+    if count:
+        job.say(
+            f"precise BatchNorm: {done['layers']} layer(s) re-estimated over "
+            f"{done['batches']} training batches",
+            flush=True,
+        )
+    job.outputs.summaries.scalars(step, {"train/mean_cosine": done["train_mean_cosine"]})
+    return done["train_mean_cosine"]
+
+
+def _evaluate(job: _Job, step: int, train_cosine: float | None):
+    """Evaluates at `step` and warns when the evaluation embeddings collapsed while the
+    training ones did not (BatchNorm statistics that no training batch had)."""
+    results, embeddings = job.outputs.evaluate(step)
+    eval_cosine = job.outputs.evaluate.last_mean_cosine
+    if train_cosine is not None and eval_cosine > COLLAPSED and train_cosine <= COLLAPSED:
+        precise = job.cadence.precise_batchnorm_batches
+        job.say(
+            f"warning: the evaluation embeddings collapsed (mean pairwise cosine "
+            f"{eval_cosine:.3f}) while the training ones did not ({train_cosine:.3f}): "
+            "inference runs on BatchNorm statistics that no training batch had. "
+            + (
+                "Set train.precise_batchnorm_batches > 0 (now 0)"
+                if not precise
+                else f"Raise train.precise_batchnorm_batches (now {precise})"
+            )
+            + ", or with pretrained weights use backbone_embedding.batchnorm='frozen'.",
+            flush=True,
+        )
+    return results, embeddings
 
 
 def _unreadable_in_step(job: _Job, step: int) -> None:

@@ -27,6 +27,9 @@ BACKBONES = {
 }
 
 
+BATCHNORM_MODES = ("frozen", "batch", "synchronized")
+
+
 @gin.configurable
 def digits_convnet(width: int = 64, pool: int = 4, embedding_dim: int | None = None) -> keras.Model:
     """Two 3×3 conv layers on the 8×8 digit, `pool`×`pool` average pooling, flattened,
@@ -120,13 +123,28 @@ def backbone_embedding(
     embedding_dim: int = 128,
     image_size: int = 224,
     weights: str | None = "imagenet",
+    batchnorm: str | None = None,
 ) -> keras.Model:
     """A keras.applications backbone (global average pooled) plus a dense, L2-normalized head.
 
     Inputs are RGB images in [0, 255]; the backbone's own preprocessing is part of the
     model, so the exported SavedModel takes raw pixels. `weights`: "imagenet" (from the
     local Keras cache only, never downloaded), a path to a weights file, or None.
+
+    `batchnorm`: 'frozen' (the pretrained statistics, never updated: the usual choice
+    when fine-tuning on CUB, Cars or SOP with small P×K batches, whose few classes per
+    batch make poor population estimates), 'batch' (each replica's batch statistics in
+    training, moving averages for inference) or 'synchronized' (batch statistics over
+    the global batch: the same loss for any replica count). None: 'frozen' with
+    pretrained weights, 'batch' from scratch (frozen random statistics would not train).
     """
+    if batchnorm is None:
+        batchnorm = "batch" if weights is None else "frozen"
+    if batchnorm not in BATCHNORM_MODES:
+        raise InputError(
+            f"Unknown backbone_embedding.batchnorm {batchnorm!r}; valid values are "
+            f"{BATCHNORM_MODES} (or None: 'frozen' with pretrained weights, else 'batch')."
+        )
     if backbone not in BACKBONES:
         raise InputError(
             f"Unknown backbone_embedding.backbone {backbone!r}; valid values are "
@@ -142,11 +160,17 @@ def backbone_embedding(
     )
     if path is not None:
         base.load_weights(path)
+    if batchnorm == "frozen":
+        for layer in _all_layers(base):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False  # Keras 3: inference mode, statistics kept
     inputs = keras.Input((image_size, image_size, 3))
     features = base(module.preprocess_input(inputs))
     head = keras.layers.Dense(embedding_dim, dtype="float32", name="embedding")(features)
     outputs = keras.layers.UnitNormalization(dtype="float32")(head)
-    return keras.Model(inputs, outputs, name=f"{backbone}_embedding")
+    model = keras.Model(inputs, outputs, name=f"{backbone}_embedding")
+    model.synchronized_batchnorm = batchnorm == "synchronized"  # applied by the learner
+    return model
 
 
 def sync_batchnorm(model: keras.Model, replicas) -> int:
@@ -164,6 +188,16 @@ def sync_batchnorm(model: keras.Model, replicas) -> int:
     return changed
 
 
+def batchnorm_layers(model) -> list:
+    """The BatchNormalization layers of `model` (nested models included) that train:
+    a frozen one (trainable=False) runs on its fixed statistics."""
+    return [
+        layer
+        for layer in _all_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+
+
 def _all_layers(model):
     for layer in model.layers:
         yield layer
@@ -171,7 +205,11 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def _global_moments(layer, replicas):
+def _global_moments(layer, replicas, record=None):
+    """The layer's batch moments over every replica's rows (one summing all-reduce of
+    sum, sum of squares and count). `record(mean, mean_of_squares)`, if given, receives
+    the float32 global moments (trainer/batchnorm.py's re-estimation)."""
+
     def moments(inputs, mask):
         if mask is not None:
             raise ValueError(f"Synchronized BatchNorm ({layer.name}) does not support masks.")
@@ -184,7 +222,10 @@ def _global_moments(layer, replicas):
         total = replicas.all_reduce_sum(local)
         channels = (tf.shape(total)[0] - 1) // 2
         mean = total[:channels] / total[-1]
-        variance = tf.maximum(total[channels:-1] / total[-1] - tf.square(mean), 0.0)
+        mean_of_squares = total[channels:-1] / total[-1]
+        if record is not None:
+            record(mean, mean_of_squares)
+        variance = tf.maximum(mean_of_squares - tf.square(mean), 0.0)
         return tf.cast(mean, inputs.dtype), tf.cast(variance, inputs.dtype)
 
     return moments

@@ -11,10 +11,13 @@ import json
 import os
 
 import gin
+import numpy as np
+import tensorflow as tf
 
 from data.errors import InputError
-from data.pipeline import listed
+from data.pipeline import eval_batches, listed
 from trainer import export
+from trainer.batchnorm import mean_cosine
 from trainer.checkpoints import Checkpoints
 from trainer.evaluation import embed_source, embedding_function, sharded_retrieval_metrics
 from trainer.summaries import Summaries
@@ -44,9 +47,15 @@ class Evaluator:
         metrics = sharded_retrieval_metrics(
             embeddings, self.source.labels, self.ks, self.distance, self.replicas
         )
-        self.summaries.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        unit_sum = (embeddings / np.maximum(norms, 1e-12)).sum(axis=0, dtype=np.float64)
+        self.last_mean_cosine = mean_cosine(unit_sum, len(embeddings))
+        scalars = {f"eval/{k}": v for k, v in metrics.items()}
+        self.summaries.scalars(step, {**scalars, "eval/mean_cosine": self.last_mean_cosine})
         figures = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self.say(f"eval at step {step}: {figures}", flush=True)
+        self.say(
+            f"eval at step {step}: {figures}  mean cosine {self.last_mean_cosine:.3f}", flush=True
+        )
         return metrics, embeddings
 
     def _unreadable(self, step: int, names: list[str]) -> None:
@@ -111,13 +120,37 @@ def open_outputs(
     return Outputs(workdir, checkpoints, summaries, evaluate, first_step, export_model)
 
 
-def write_results(outputs: Outputs, model, embeddings, eval_source, results: dict) -> None:
-    """The chief's last outputs: results.json, the projector files, the SavedModel."""
+class ExportMismatch(RuntimeError):
+    """The exported SavedModel does not give the embeddings that were evaluated."""
+
+
+def write_results(outputs: Outputs, model, embeddings, data, results: dict) -> None:
+    """The chief's last outputs: results.json, the projector files, the SavedModel,
+    checked to give the evaluated embeddings of the first evaluation batch."""
     with open(os.path.join(outputs.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    export.projector(outputs.workdir, embeddings, eval_source)
+    export.projector(outputs.workdir, embeddings, data.eval_source)
     if outputs.export_model:
-        export.saved_model(model, os.path.join(outputs.workdir, "saved_model"))
+        path = export.saved_model(model, os.path.join(outputs.workdir, "saved_model"))
+        check_export(path, embeddings, data)
+
+
+def check_export(path: str, embeddings, data, rows: int = 64, tolerance: float = 1e-5) -> float:
+    """Embeds the first `rows` evaluation images through the SavedModel at `path` and
+    compares them with the evaluation's `embeddings` of them; raises ExportMismatch
+    beyond `tolerance`. Returns the largest difference."""
+    rows = min(rows, len(embeddings))
+    images, _, _ = next(iter(eval_batches(data.eval_source, [(0, rows)], data.eval_preprocessing)))
+    loaded = tf.saved_model.load(path)  # held: its variables live as long as it does
+    exported = loaded.serve(tf.cast(images, tf.float32)).numpy()
+    difference = float(np.max(np.abs(exported - embeddings[:rows])))
+    if not difference <= tolerance:
+        raise ExportMismatch(
+            f"the exported model {path} embeds the first {rows} evaluation images "
+            f"{difference:.2e} away from the evaluated embeddings (tolerance {tolerance:g}): "
+            "what was exported is not what was evaluated."
+        )
+    return difference
 
 
 def final_summary(outputs: Outputs, results: dict, seconds: float) -> str:

@@ -29,7 +29,9 @@ bench: install
 	$(PYTHON) -m bench.elastic
 	$(PYTHON) -m bench.scale
 	$(PYTHON) -m bench.pipeline
+	$(PYTHON) -m bench.step
 	$(PYTHON) -m bench.quality
+	$(PYTHON) -m bench.real
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -141,3 +141,76 @@ def tfrecord(
         tuple(str(n) for n in names),
         reader,
     )
+
+
+@gin.configurable
+def list_file(
+    root=gin.REQUIRED,
+    listing=gin.REQUIRED,
+    path_column: int = 0,
+    label_column: int = 1,
+    delimiter: str | None = None,
+    skip_header: int = 0,
+    keep_column: int | None = None,
+    keep_values: tuple = (),
+) -> Source:
+    """Images listed in a text or CSV file, with paths relative to `root`: how Stanford
+    Online Products (`Ebay_train.txt`), In-Shop (`list_eval_partition.txt`) and many
+    others ship, with one folder per super-category rather than per class.
+
+    Each line after the first `skip_header` lines (True: 1) is split on `delimiter` (None:
+    any whitespace; ',' for CSV) into columns, counted from 0. The label of an example is
+    its listed class id when the ids are whole numbers (so published ids keep their
+    meaning), else the id's position among the sorted distinct ids of the listing (e.g.
+    In-Shop's 'id_00000001'). `keep_column`/`keep_values` keep only the lines whose column
+    holds one of the values (In-Shop's 'train', or 'query' and 'gallery'). Every listed
+    path must exist: a missing one is named at start-up.
+    """
+    listing_path = listing if os.path.isabs(listing) else os.path.join(root, listing)
+    if not os.path.isfile(listing_path):
+        raise InputError(f"list_file.listing {listing_path!r} is not a file.")
+    skip = int(skip_header)
+    paths, ids = [], []
+    needed = max(path_column, label_column, -1 if keep_column is None else keep_column)
+    with open(listing_path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if number <= skip or not line.strip():
+                continue
+            columns = [c.strip() for c in line.rstrip("\n").split(delimiter)]
+            if len(columns) <= needed:
+                raise InputError(
+                    f"{listing_path} line {number} has {len(columns)} column(s), but "
+                    f"list_file reads column {needed} (columns count from 0; delimiter "
+                    f"{delimiter!r}, skip_header={skip_header}): {line.strip()[:120]!r}"
+                )
+            if keep_column is not None and columns[keep_column] not in keep_values:
+                continue
+            paths.append(os.path.join(root, columns[path_column]))
+            ids.append(columns[label_column])
+    if not paths:
+        raise InputError(f"list_file: {listing_path} lists no image (after the filters).")
+    labels, names = _class_ids(ids)
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise InputError(
+            f"{len(missing)} image(s) listed in {listing_path} do not exist under "
+            f"list_file.root {root!r}: {shown}."
+        )
+    return Source(
+        f"list_file({listing_path})", np.array(paths, dtype=object), labels, "file", names
+    )
+
+
+def _class_ids(ids: list[str]) -> tuple[np.ndarray, tuple]:
+    """Labels and class names (indexed by label) of listed class ids."""
+    try:
+        numbers = np.array([int(i) for i in ids], np.int64)
+    except ValueError:
+        names, labels = np.unique(np.array(ids, dtype=object), return_inverse=True)
+        return labels.astype(np.int32), tuple(str(n) for n in names)
+    if numbers.min() < 0:
+        raise InputError(f"list_file: class ids must be >= 0, found {int(numbers.min())}.")
+    return numbers.astype(np.int32), tuple(str(i) for i in range(int(numbers.max()) + 1))

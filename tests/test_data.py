@@ -1,5 +1,7 @@
 """Sources, the P×K sampler and the tf.data pipelines."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,7 +10,8 @@ from PIL import Image
 from data.errors import InputError
 from data.pipeline import PixelAugmentation, eval_batches, train_batches
 from data.sampler import PKSampler
-from data.sources import digits, image_folder, tfrecord
+from data.sources import digits, image_folder, list_file, tfrecord
+from tests.jobs import ROOT
 from trainer.replicas import slice_bounds
 
 
@@ -226,3 +229,105 @@ def test_a_jpeg_decoded_inside_its_crop_window_equals_the_whole_decode_cropped(k
             assert difference.mean() < 0.5, (row, difference.mean())
         else:
             assert difference.max() <= 1, (row, difference.max())  # rounding only
+
+
+def _png_file(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 16, 3), value, np.uint8)).save(path, format="PNG")
+
+
+def write_sop(root, classes=(1, 2, 3, 4), per_class=3, first_test_class=3):
+    """A tiny Stanford Online Products archive in the real layout: super-category
+    folders and Ebay_train.txt / Ebay_test.txt ("image_id class_id super_class_id path")."""
+    train = ["image_id class_id super_class_id path"]
+    test = ["image_id class_id super_class_id path"]
+    image_id = 0
+    for class_id in classes:
+        folder = "bicycle_final" if class_id % 2 else "cabinet_final"
+        for i in range(per_class):
+            image_id += 1
+            relative = f"{folder}/{111085122870 + class_id}_{i}.JPG"
+            _png_file(root / relative, class_id * 40 + i)
+            line = f"{image_id} {class_id} {1 + class_id % 2} {relative}"
+            (train if class_id < first_test_class else test).append(line)
+    (root / "Ebay_train.txt").write_text("\n".join(train) + "\n")
+    (root / "Ebay_test.txt").write_text("\n".join(test) + "\n")
+    return root
+
+
+def write_inshop(root):
+    """A tiny In-Shop listing in its real format: a count line, a header line, then
+    whitespace-aligned "image_name item_id evaluation_status"."""
+    rows = []
+    for n, (item, status) in enumerate(
+        [("id_00000002", "train")] * 2 + [("id_00000007", "train")] * 2
+        + [("id_00000003", "query"), ("id_00000003", "gallery"), ("id_00000009", "gallery")]
+    ):  # fmt: skip
+        name = f"img/WOMEN/Dresses/{item}/0{n}_1_front.jpg"
+        _png_file(root / name, n * 20)
+        rows.append(f"{name:<60}{item:<20}{status}")
+    header = ["image_name item_id evaluation_status"]
+    (root / "list_eval_partition.txt").write_text(
+        "\n".join([str(len(rows)), *header, *rows]) + "\n"
+    )
+    return root
+
+
+def test_list_file_reads_stanford_online_products_listings(tmp_path):
+    root = write_sop(tmp_path / "Stanford_Online_Products")
+    train = list_file(str(root), "Ebay_train.txt", path_column=3, label_column=1, skip_header=1)
+    test = list_file(str(root), "Ebay_test.txt", path_column=3, label_column=1, skip_header=1)
+    assert train.labels.tolist() == [1, 1, 1, 2, 2, 2]  # the listed class ids
+    assert test.labels.tolist() == [3, 3, 3, 4, 4, 4]
+    assert train.items[3] == str(root / "cabinet_final" / "111085122872_0.JPG")
+    assert train.kind == "file" and test.class_names[4] == "4"
+
+
+def test_list_file_reads_in_shop_partitions_by_status(tmp_path):
+    root = write_inshop(tmp_path / "inshop")
+    settings = dict(path_column=0, label_column=1, skip_header=2, keep_column=2)
+    train = list_file(str(root), "list_eval_partition.txt", keep_values=("train",), **settings)
+    evaluation = list_file(
+        str(root), "list_eval_partition.txt", keep_values=("query", "gallery"), **settings
+    )
+    assert len(train) == 4 and len(evaluation) == 3
+    assert [train.class_names[label] for label in train.labels] == ["id_00000002"] * 2 + [
+        "id_00000007"
+    ] * 2
+    assert [evaluation.class_names[label] for label in evaluation.labels] == [
+        "id_00000003", "id_00000003", "id_00000009"
+    ]  # fmt: skip
+
+
+def test_list_file_names_what_is_wrong(tmp_path):
+    from data.errors import InputError
+
+    root = write_sop(tmp_path / "sop")
+    (root / "bicycle_final" / "111085122871_1.JPG").unlink()
+    with pytest.raises(InputError, match=r"1 image\(s\) listed in .*Ebay_train.txt do not exist"):
+        list_file(str(root), "Ebay_train.txt", path_column=3, label_column=1, skip_header=1)
+    with pytest.raises(InputError, match=r"line 2 has 4 column\(s\), but list_file reads column 7"):
+        list_file(str(root), "Ebay_test.txt", path_column=7, label_column=1, skip_header=1)
+    with pytest.raises(InputError, match="list_file.listing .*Ebay_val.txt' is not a file"):
+        list_file(str(root), "Ebay_val.txt")
+
+
+def test_the_in_shop_config_builds_both_splits(tmp_path):
+    import gin
+
+    import trainer.config  # noqa: F401
+
+    root = write_inshop(tmp_path / "inshop")
+    gin.clear_config()
+    gin.add_config_file_search_path(os.path.join(ROOT, "gin"))
+    try:
+        gin.parse_config_files_and_bindings(
+            [os.path.join(ROOT, "gin", "inshop.gin")], [f"INSHOP_ROOT='{root}'"]
+        )
+        with gin.config_scope("train_split"):
+            train = list_file()
+        with gin.config_scope("eval_split"):
+            evaluation = list_file()
+    finally:
+        gin.clear_config()
+    assert (len(train), len(evaluation)) == (4, 3)

@@ -362,3 +362,35 @@ def test_a_users_own_model_from_a_module_outside_the_project(tmp_path, monkeypat
     assert "80 parameters" in done.stdout  # 3*3*1*8 + 8: the width-8 net, not width 16
     operative = (tmp_path / "w" / "operative_config.gin").read_text()
     assert "train.model = @my_models.build" in operative and "width = 8" in operative
+
+
+def test_the_sop_config_trains_on_its_listings(tmp_path):
+    """gin/sop.gin on a tiny archive in Stanford Online Products' exact layout (super-
+    category folders, Ebay_train.txt / Ebay_test.txt): the listed class ids are the
+    labels, training and evaluation run, a small backbone in place of ResNet-50."""
+    from tests.test_data import write_sop
+
+    root = write_sop(tmp_path / "Stanford_Online_Products", classes=(1, 2, 3, 4, 5, 6))
+    params = (
+        f"SOP_ROOT='{root}'",
+        "images.size=32",
+        "backbone_embedding.backbone='MobileNetV3Small'",
+        "backbone_embedding.image_size=32",
+        "backbone_embedding.embedding_dim=16",
+        "backbone_embedding.weights=None",
+        "train.precision=None",
+        "train.steps=2",
+        "train.global_batch_size=4",
+        "train.log_every=1",
+        "distribute.strategy='single'",
+    )
+    workdir = tmp_path / "sop"
+    done = run_job(workdir, params, extra=("--gin_file=sop",), timeout=600)
+    assert "precise BatchNorm" not in done.stdout  # the config freezes BatchNorm
+    assert sorted(scalars(workdir, "train/loss")) == [1, 2]
+    assert (
+        "train.train_data = @train_split/list_file"
+        in (workdir / "operative_config.gin").read_text()
+    )
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results) == {"recall@1", "recall@10", "map@r"}

@@ -104,7 +104,7 @@ def pixels_row(evaluation) -> dict:
 
 
 def _mean_cosine(embeddings) -> float:
-    from trainer.batchnorm import mean_cosine
+    from trainer.evaluation import mean_cosine
 
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     return mean_cosine(unit.sum(0, dtype=np.float64), len(unit))

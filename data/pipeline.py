@@ -18,9 +18,9 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+from data.cached_work import cached, current, fingerprint
 from data.errors import InputError
 from data.sampler import PKSampler
-from data.shared import cached, current, fingerprint
 from data.sources import Source
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -378,7 +378,7 @@ def verify_images(source: Source, on_corrupt: str = "stop", log=None) -> tuple[S
     A corrupt image found mid-run would stop the job hours in. `on_corrupt='stop'`
     raises an error naming the files; `'skip'` leaves them out of the source and returns
     their names. The job's processes each check their share and the verdict is cached,
-    keyed to the files (data/shared.py): a restart reads it back. `log(message)`
+    keyed to the files (data/cached_work.py): a restart reads it back. `log(message)`
     reports progress.
     """
     check_on_corrupt(on_corrupt)

@@ -2,7 +2,7 @@
 
 A TFRecord file is a sequence of records, each an 8-byte length, a 4-byte checksum of
 it, the data and a 4-byte checksum of the data. One pass over the files (the work split
-over the job's processes by file, the result cached: see data/shared.py) gives every
+over the job's processes by file, the result cached: see data/cached_work.py) gives every
 record's length and label; the offsets follow by a running sum. Training then reads a
 record by its offset (`os.pread`, thread-safe and outside the GIL, so tf.data reads
 many in parallel) and never holds the data set: what stays in memory is 20 bytes a
@@ -20,8 +20,8 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from data.cached_work import cached, current, fingerprint
 from data.errors import InputError
-from data.shared import cached, current, fingerprint
 
 RECORD_OVERHEAD = 16  # 8-byte length and its 4-byte CRC before the data, a 4-byte CRC after
 HEADER = 12
@@ -80,7 +80,7 @@ class RecordReader:
 def index_records(files, label_key: str, image_key: str) -> tuple[RecordReader, np.ndarray]:
     """(reader, labels) of every record of `files`, in file order.
 
-    Each process scans every Nth file; the shares are added up and cached (data/shared.py).
+    Each process scans every Nth file; the shares are added up and cached (data/cached_work.py).
     """
     files = list(files)
     key = fingerprint(files, "tfrecord-index", label_key)

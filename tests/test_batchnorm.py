@@ -11,7 +11,8 @@ import tensorflow as tf
 
 from data.errors import InputError
 from tests.cross_replica_case import mirrored
-from trainer.batchnorm import BatchNormStatistics, mean_cosine
+from trainer.batchnorm import BatchNormStatistics
+from trainer.evaluation import mean_cosine
 from trainer.model import backbone_embedding, batchnorm_layers
 from trainer.replicas import Replicas
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import shared
+from data import cached_work
 from data.errors import InputError
 from data.pipeline import (
     ImagePreprocessing,
@@ -133,7 +133,7 @@ def same_images_as_folder_and_records(root, classes=4, per_class=5, files=3):
 
 def test_tfrecords_read_by_offset_give_the_batches_of_the_same_images_as_files(tmp_path):
     folder, pattern = same_images_as_folder_and_records(tmp_path)
-    with shared.using(shared.SharedWork(str(tmp_path / "cache"))):
+    with cached_work.using(cached_work.SharedWork(str(tmp_path / "cache"))):
         records = tfrecord(pattern)
         again = tfrecord(pattern)  # the index read back from the cache
     np.testing.assert_array_equal(records.labels, folder.labels)
@@ -191,7 +191,7 @@ def test_the_image_check_runs_once_per_data_set_and_a_changed_file_is_checked_ag
     monkeypatch.setattr(
         data.pipeline, "_decodable", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k)
     )
-    with shared.using(shared.SharedWork(str(tmp_path / "cache"))):
+    with cached_work.using(cached_work.SharedWork(str(tmp_path / "cache"))):
         kept, bad = verify_images(image_folder(str(root)))
         assert (len(kept), bad, len(calls)) == (12, [], 1)
         kept, bad = verify_images(image_folder(str(root)))  # a restart: read back

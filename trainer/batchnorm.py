@@ -25,19 +25,11 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from trainer.evaluation import mean_cosine
 from trainer.model import _global_moments, batchnorm_layers
 from trainer.train_step import as_float
 
 COLLAPSED = 0.9  # mean pairwise cosine above which embeddings are called collapsed
-
-
-def mean_cosine(embedding_sum, count: int) -> float:
-    """Mean cosine over all pairs (i != j) of `count` unit vectors summing to
-    `embedding_sum`: (|sum|² - n) / (n (n - 1)). O(n d), never an n × n matrix."""
-    if count < 2:
-        return float("nan")
-    total = np.asarray(embedding_sum, np.float64)
-    return float((total @ total - count) / (count * (count - 1)))
 
 
 class BatchNormStatistics:

@@ -74,7 +74,7 @@ def loss_and_gradients(
     the loss-scale optimizer's) scales what is differentiated; the optimizer unscales.
     `replica_rows` (rows held by each replica, in order; a Python tuple) lets the
     backend gather without first exchanging the row counts. `memory` (a
-    trainer.memory.KeyMemory) adds past global batches to the keys, and takes this one.
+    trainer.key_memory.KeyMemory) adds past global batches to the keys, and takes this one.
     """
     with tf.GradientTape() as tape:
         embeddings = tf.cast(embed(inputs), tf.float32)  # mining is float32 anyway

@@ -1,14 +1,14 @@
 """The job's data: the training and evaluation sources, checked once, and the P×K sampler.
 
 Indexing and the start-up image check are split over the job's processes and cached
-(data/shared.py), so a restart over millions of images costs seconds.
+(data/cached_work.py), so a restart over millions of images costs seconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from data import shared
+from data import cached_work
 from data.pipeline import corrupt_policy, preprocessing_for, verify_images
 from data.sampler import PKSampler
 from data.sources import Source, digits
@@ -37,7 +37,7 @@ def load_data(
 ) -> JobData:
     """Builds the configured sources (digits 0-5 / 6-9 when none is) and the sampler."""
     on_corrupt = corrupt_policy()
-    with shared.using(_shared_work(workdir, replicas)):
+    with cached_work.using(_shared_work(workdir, replicas)):
         train_source = (train_data or (lambda: digits(classes=(0, 6))))()
         eval_source = (eval_data or (lambda: digits(classes=(6, 10))))()
         train_source, corrupt = verify_images(train_source, log=say)
@@ -70,14 +70,14 @@ def load_data(
     )
 
 
-def _shared_work(workdir: str, replicas) -> shared.SharedWork:
-    """The job's processes as data/shared.py sees them. In an elastic job a worker may
+def _shared_work(workdir: str, replicas) -> cached_work.SharedWork:
+    """The job's processes as data/cached_work.py sees them. In an elastic job a worker may
     join later, and nobody may call a collective before the elastic loop: each worker
     then works alone (a cached result is still read back)."""
-    cache_dir = shared.cache_directory(workdir)
+    cache_dir = cached_work.cache_directory(workdir)
     if replicas.elastic:
-        return shared.SharedWork(cache_dir)
-    return shared.SharedWork(
+        return cached_work.SharedWork(cache_dir)
+    return cached_work.SharedWork(
         cache_dir,
         process=replicas.rank,
         processes=replicas.size // replicas.local_replicas,

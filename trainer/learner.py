@@ -12,7 +12,7 @@ import gin
 import keras
 
 from data.errors import InputError
-from trainer.memory import KeyMemory
+from trainer.key_memory import KeyMemory
 from trainer.model import sync_batchnorm
 from trainer.train_step import TrainStep
 

@@ -14,61 +14,11 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from data.errors import InputError
-from data.pipeline import eval_batches, listed
+from data.pipeline import eval_batches
 from trainer import export
-from trainer.batchnorm import mean_cosine
 from trainer.checkpoints import Checkpoints
-from trainer.evaluation import embed_source, embedding_function, sharded_retrieval_metrics
+from trainer.evaluation import Evaluator
 from trainer.summaries import Summaries
-
-
-class Evaluator:
-    """Embeds the eval set on all replicas, computes retrieval metrics, logs them."""
-
-    def __init__(self, model, replicas, data, distance, recall_k, chunk_size, summaries, say):
-        self.model, self.replicas, self.distance = model, replicas, distance
-        self.source, self.preprocessing = data.eval_source, data.eval_preprocessing
-        self.on_corrupt = data.on_corrupt
-        self.ks = sorted({1, recall_k})
-        self.chunk_size, self.summaries, self.say = chunk_size, summaries, say
-        self.retrace()
-
-    def retrace(self) -> None:
-        """A fresh compiled embedding step (see `TrainStep.retrace`)."""
-        self.embed = embedding_function(self.model, self.replicas)
-
-    def __call__(self, step: int):
-        embeddings, unreadable_rows = embed_source(
-            self.embed, self.replicas, self.source, self.chunk_size, self.preprocessing
-        )
-        if len(unreadable_rows):
-            self._unreadable(step, [self.source.describe(i) for i in unreadable_rows])
-        metrics = sharded_retrieval_metrics(
-            embeddings, self.source.labels, self.ks, self.distance, self.replicas
-        )
-        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-        unit_sum = (embeddings / np.maximum(norms, 1e-12)).sum(axis=0, dtype=np.float64)
-        self.last_mean_cosine = mean_cosine(unit_sum, len(embeddings))
-        scalars = {f"eval/{k}": v for k, v in metrics.items()}
-        self.summaries.scalars(step, {**scalars, "eval/mean_cosine": self.last_mean_cosine})
-        figures = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self.say(
-            f"eval at step {step}: {figures}  mean cosine {self.last_mean_cosine:.3f}", flush=True
-        )
-        return metrics, embeddings
-
-    def _unreadable(self, step: int, names: list[str]) -> None:
-        if self.on_corrupt == "stop":
-            raise InputError(
-                f"{len(names)} evaluation image(s) of {self.source.name} cannot be read at step "
-                f"{step}, although they passed the start-up check: {listed(names)}. Fix them "
-                "and run the same command, or set verify_images.on_corrupt='skip'."
-            )
-        self.say(
-            f"eval at step {step}: unreadable image(s) {listed(names)} replaced by others of "
-            "their class"
-        )
 
 
 @dataclasses.dataclass

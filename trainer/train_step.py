@@ -139,7 +139,7 @@ class TrainStep:
         self.forward = model_forward(model, jit_compile_model)
         self.replicas = replicas
         self.cross_replica_mining = cross_replica_mining
-        self.memory = memory  # trainer.memory.KeyMemory, or None
+        self.memory = memory  # trainer.key_memory.KeyMemory, or None
         with replicas.scope():
             optimizer.build(model.trainable_variables)
         self.retrace()

@@ -16,6 +16,11 @@ from tensorboard.backend.event_processing import event_accumulator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOROVOD_SH = os.path.join(ROOT, "launch", "horovod.sh")
 HOROVOD_2 = (HOROVOD_SH, "2")  # launcher of two Horovod workers on this machine
+# horovodrun itself, two workers on this machine (Gloo), for a script's argv after it.
+HOROVODRUN_2 = (
+    os.path.join(os.path.dirname(sys.executable), "horovodrun"),
+    *("-np", "2", "--gloo", "-H", "localhost:2"),
+)
 
 # A short digits job: 6 steps at global batch 64 (4 classes × 16), every step logged.
 SHORT_JOB = (

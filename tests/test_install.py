@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.jobs import HOROVODRUN_2
+
 BIN = Path(sys.executable).parent
 
 
@@ -30,16 +32,7 @@ def test_horovod_allgather_and_allreduce_across_two_workers(tmp_path):
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [
-            str(BIN / "horovodrun"),
-            "-np",
-            "2",
-            "--gloo",
-            "-H",
-            "localhost:2",
-            sys.executable,
-            str(script),
-        ],
+        [*HOROVODRUN_2, sys.executable, str(script)],
         capture_output=True,
         text=True,
         timeout=240,

@@ -1,7 +1,6 @@
 """Non-finite values: the run stops naming the step and the last good checkpoint, and never
 checkpoints NaN weights; with train.nonfinite='skip' such steps are left out and counted."""
 
-import os
 import subprocess
 import sys
 import types
@@ -15,12 +14,10 @@ import losses
 from data.sampler import PKSampler
 from data.sources import Source, digits
 from tests.cross_replica_case import global_batch, mirrored
-from tests.jobs import ROOT, job_env, scalars
+from tests.jobs import HOROVODRUN_2, ROOT, job_env, scalars
 from trainer.loop import NumericalError, train
 from trainer.replicas import Replicas
 from trainer.train_step import TrainStep
-
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 
 
 def poisoned_digits():
@@ -123,17 +120,7 @@ def test_a_nan_gradient_on_one_replica_changes_no_weight_anywhere(backend):
 
 def test_a_nan_gradient_on_one_horovod_worker_changes_no_weight_on_any():
     done = subprocess.run(
-        [
-            HOROVODRUN,
-            "-np",
-            "2",
-            "--gloo",
-            "-H",
-            "localhost:2",
-            sys.executable,
-            "-m",
-            "tests.horovod_nan_worker",
-        ],
+        [*HOROVODRUN_2, sys.executable, "-m", "tests.horovod_nan_worker"],
         cwd=ROOT,
         env=job_env(),
         capture_output=True,

@@ -1,5 +1,5 @@
-"""Triplet and pair-based losses for metric learning on TensorFlow 2 / Keras 3, with no
-distributed code.
+"""Triplet, pair-based and proxy (margin-softmax) losses for metric learning on
+TensorFlow 2 / Keras 3, with no distributed code.
 
 Functions return a float32 scalar; the Keras classes wrap them for `model.compile`.
 The `*_terms` functions are the query/key form used for cross-replica mining.
@@ -33,6 +33,13 @@ from losses.pairs import (
     supcon_loss,
     supcon_terms,
 )
+from losses.proxies import (
+    arcface_loss,
+    cosface_loss,
+    proxy_anchor_loss,
+    proxy_nca_loss,
+    subcenter_arcface_loss,
+)
 from losses.triplet import (
     TripletTerms,
     batch_all_terms,
@@ -59,6 +66,11 @@ LOSS_CLASSES = (
 
 __all__ = [
     "LOSS_CLASSES",
+    "arcface_loss",
+    "cosface_loss",
+    "proxy_anchor_loss",
+    "proxy_nca_loss",
+    "subcenter_arcface_loss",
     "ContrastiveLoss",
     "CrossBatchMemory",
     "MultiSimilarityLoss",

@@ -3,6 +3,8 @@ training batches, exactly as the definition says and the same for any replica co
 the mean pairwise cosine; the BatchNorm modes of backbone_embedding."""
 
 import itertools
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -11,6 +13,7 @@ import tensorflow as tf
 
 from data.errors import InputError
 from tests.cross_replica_case import mirrored
+from tests.jobs import HOROVODRUN_2, ROOT, job_env
 from trainer.batchnorm import BatchNormStatistics
 from trainer.evaluation import mean_cosine
 from trainer.model import backbone_embedding, batchnorm_layers
@@ -120,3 +123,23 @@ def test_backbone_batchnorm_modes():
     assert synchronized.synchronized_batchnorm
     with pytest.raises(InputError, match="Unknown backbone_embedding.batchnorm 'sync'"):
         bn_of(weights=None, batchnorm="sync")
+
+
+def test_two_horovod_workers_reestimate_what_one_device_does(tmp_path):
+    out = tmp_path / "statistics.npz"
+    done = subprocess.run(
+        [*HOROVODRUN_2, sys.executable, "-m", "tests.horovod_batchnorm_worker", str(out)],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    got = np.load(out)
+    model, expected = run(Replicas())
+    assert int(got["batches"]) == 3
+    assert float(got["cosine"]) == pytest.approx(expected["train_mean_cosine"], abs=1e-6)
+    for i, layer in enumerate(batchnorm_layers(model)):
+        np.testing.assert_allclose(got[f"mean{i}"], layer.moving_mean.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[f"variance{i}"], layer.moving_variance.numpy(), rtol=1e-5)

@@ -56,6 +56,20 @@ def straight_and_resumed(folder, params=(), steps=6, stop_after=3):
     return straight, stopped, cut.stdout, resumed.stdout
 
 
+def run_horovod_2(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m module args` on two Horovod workers of this machine; must succeed."""
+    done = subprocess.run(
+        [*HOROVODRUN_2, sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
 def job_command(workdir, params=(), launcher=(), extra=()) -> list[str]:
     """`python -m trainer.main` (or a launch script) with `--gin_param`s."""
     command = [*launcher] if launcher else [sys.executable, "-m", "trainer.main"]

@@ -3,8 +3,6 @@ training batches, exactly as the definition says and the same for any replica co
 the mean pairwise cosine; the BatchNorm modes of backbone_embedding."""
 
 import itertools
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -13,7 +11,7 @@ import tensorflow as tf
 
 from data.errors import InputError
 from tests.cross_replica_case import mirrored
-from tests.jobs import HOROVODRUN_2, ROOT, job_env
+from tests.jobs import run_horovod_2
 from trainer.batchnorm import BatchNormStatistics
 from trainer.evaluation import mean_cosine
 from trainer.model import backbone_embedding, batchnorm_layers
@@ -127,15 +125,7 @@ def test_backbone_batchnorm_modes():
 
 def test_two_horovod_workers_reestimate_what_one_device_does(tmp_path):
     out = tmp_path / "statistics.npz"
-    done = subprocess.run(
-        [*HOROVODRUN_2, sys.executable, "-m", "tests.horovod_batchnorm_worker", str(out)],
-        cwd=ROOT,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    run_horovod_2("tests.horovod_batchnorm_worker", str(out))
     got = np.load(out)
     model, expected = run(Replicas())
     assert int(got["batches"]) == 3

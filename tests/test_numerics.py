@@ -1,8 +1,6 @@
 """Non-finite values: the run stops naming the step and the last good checkpoint, and never
 checkpoints NaN weights; with train.nonfinite='skip' such steps are left out and counted."""
 
-import subprocess
-import sys
 import types
 
 import keras
@@ -14,7 +12,7 @@ import losses
 from data.sampler import PKSampler
 from data.sources import Source, digits
 from tests.cross_replica_case import global_batch, mirrored
-from tests.jobs import HOROVODRUN_2, ROOT, job_env, scalars
+from tests.jobs import run_horovod_2, scalars
 from trainer.loop import NumericalError, train
 from trainer.replicas import Replicas
 from trainer.train_step import TrainStep
@@ -119,15 +117,7 @@ def test_a_nan_gradient_on_one_replica_changes_no_weight_anywhere(backend):
 
 
 def test_a_nan_gradient_on_one_horovod_worker_changes_no_weight_on_any():
-    done = subprocess.run(
-        [*HOROVODRUN_2, sys.executable, "-m", "tests.horovod_nan_worker"],
-        cwd=ROOT,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    done = run_horovod_2("tests.horovod_nan_worker")
     for rank in (0, 1):
         assert f"RANK {rank} finite_gradients=0.0 unchanged=True iterations=0" in done.stdout
 

@@ -182,6 +182,12 @@ def test_restart_with_the_same_workdir_resumes_where_it_stopped(tmp_path):
         (("TripletSemiHardLoss.distance='manhattan'",), (), "Unknown distance 'manhattan'"),
         (("train.learning_rate=0",), (), "train.learning_rate must be > 0, got 0"),
         (("train.jit_compile_model='yes'",), (), "train.jit_compile_model must be bool, got 'yes'"),
+        (
+            ("train.precise_batchnorm_batches=-1",),
+            (),
+            "train.precise_batchnorm_batches must be >= 0 (0: off), got -1",
+        ),
+        (("small_convnet.widths=()", "train.model=@small_convnet"), (), "small_convnet.widths"),
         (("train.keep_checkpoints=0",), (), "train.keep_checkpoints must be >= 1"),
         (("learning_rate_schedule.warmup_steps=-1",), (), "warmup_steps must be >= 0"),
         (("data_cache.enabled='no'",), (), "data_cache.enabled must be True or False, got 'no'"),

@@ -93,21 +93,14 @@ def to_rgb32(images):
 
 
 def pixels_row(evaluation) -> dict:
-    from trainer.evaluation import retrieval_metrics
+    from trainer.evaluation import mean_cosine_of, retrieval_metrics
 
     images, labels = evaluation
     flat = images.reshape(len(images), -1)
     flat = flat - flat.mean(axis=0)
     began = time.time()
     metrics = retrieval_metrics(flat, labels, (1,), "cosine")
-    return {**metrics, "mean_cosine": _mean_cosine(flat), "seconds": time.time() - began}
-
-
-def _mean_cosine(embeddings) -> float:
-    from trainer.evaluation import mean_cosine
-
-    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    return mean_cosine(unit.sum(0, dtype=np.float64), len(unit))
+    return {**metrics, "mean_cosine": mean_cosine_of(flat), "seconds": time.time() - began}
 
 
 def job_row(model, training, evaluation, steps, **settings) -> dict:

@@ -154,20 +154,8 @@ def _load(source: Source):
     if source.kind == "pixels":
         pixels = tf.constant(source.items)
         return lambda i: tf.gather(pixels, i)
-    decode = ImagePreprocessing.decode
-    if source.kind == "file":
-        paths = tf.constant(source.items.astype(str))
-        return lambda i: decode(tf.io.read_file(tf.gather(paths, i)))
-    reader, records = source.reader, source.items
-
-    def load(i):
-        serialized = tf.numpy_function(
-            lambda i: reader.read(records[i]), [i], tf.string, stateful=False
-        )
-        serialized.set_shape([])
-        return decode(reader.parse_image(serialized))
-
-    return load
+    encoded = _encoded(source)
+    return lambda i: ImagePreprocessing.decode(encoded(i))
 
 
 def _encoded(source: Source):

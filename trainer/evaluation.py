@@ -195,6 +195,13 @@ def mean_cosine(embedding_sum, count: int) -> float:
     return float((total @ total - count) / (count * (count - 1)))
 
 
+def mean_cosine_of(embeddings) -> float:
+    """`mean_cosine` of the rows of `embeddings` (N, D), each L2-normalized first."""
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    unit_sum = (embeddings / np.maximum(norms, 1e-12)).sum(axis=0, dtype=np.float64)
+    return mean_cosine(unit_sum, len(embeddings))
+
+
 class Evaluator:
     """Embeds the eval set on all replicas, computes retrieval metrics, logs them."""
 
@@ -219,9 +226,7 @@ class Evaluator:
         metrics = sharded_retrieval_metrics(
             embeddings, self.source.labels, self.ks, self.distance, self.replicas
         )
-        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-        unit_sum = (embeddings / np.maximum(norms, 1e-12)).sum(axis=0, dtype=np.float64)
-        self.last_mean_cosine = mean_cosine(unit_sum, len(embeddings))
+        self.last_mean_cosine = mean_cosine_of(embeddings)
         scalars = {f"eval/{k}": v for k, v in metrics.items()}
         self.summaries.scalars(step, {**scalars, "eval/mean_cosine": self.last_mean_cosine})
         figures = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())

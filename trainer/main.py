@@ -117,9 +117,10 @@ def run(argv) -> int:
     from trainer.loop import train
 
     replicas = make_replicas()
-    warning = cpu_only_warning(nvidia_smi_gpus(), tf.config.list_physical_devices("GPU"))
-    if warning and replicas.is_chief:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if replicas.is_chief:  # one nvidia-smi call for the job, not one per worker
+        warning = cpu_only_warning(nvidia_smi_gpus(), tf.config.list_physical_devices("GPU"))
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     workdir = os.path.abspath(FLAGS.workdir or agreed_default_workdir(replicas))
     if replicas.is_chief:
         print(f"workdir: {workdir}", flush=True)

@@ -325,7 +325,7 @@ class HorovodReplicas(Replicas):
 
         self.hvd = hvd
         hvd.init()
-        self.gpus = place(per_worker=True, local_rank=hvd.local_rank(), local_size=hvd.local_size())
+        place(per_worker=True, local_rank=hvd.local_rank(), local_size=hvd.local_size())
         # horovodrun with a host-discovery script: ranks and size change during the job.
         self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
 

@@ -184,13 +184,9 @@ class TrainStep:
         self.last_distances = {"positive": first(positive), "negative": first(negative)}
         return first(metrics)
 
-    def dispatch(self, images, labels, global_size: int) -> tf.Tensor:
-        """`stage` then `dispatch_staged`."""
-        return self.dispatch_staged(self.stage(images, labels, global_size))
-
     def run_local(self, images, labels, global_size: int) -> dict:
-        """`dispatch`, waited for: the step's metrics as Python floats."""
-        return metrics_of(self.dispatch(images, labels, global_size))
+        """One step on this process's rows, waited for: its metrics as Python floats."""
+        return metrics_of(self.dispatch_staged(self.stage(images, labels, global_size)))
 
     def __call__(self, global_images, global_labels) -> dict:
         """One step on the global batch (each process reads its rows, each replica its slice)."""

@@ -34,11 +34,20 @@ from losses.pairs import (
     supcon_terms,
 )
 from losses.proxies import (
+    ProxyBlock,
     arcface_loss,
     cosface_loss,
     proxy_anchor_loss,
     proxy_nca_loss,
     subcenter_arcface_loss,
+)
+from losses.proxy_classes import (
+    PROXY_LOSS_CLASSES,
+    ArcFaceLoss,
+    CosFaceLoss,
+    ProxyAnchorLoss,
+    ProxyNCALoss,
+    SubCenterArcFaceLoss,
 )
 from losses.triplet import (
     TripletTerms,
@@ -62,10 +71,18 @@ LOSS_CLASSES = (
     MultiSimilarityLoss,
     SupConLoss,
     NTXentLoss,
+    *PROXY_LOSS_CLASSES,
 )
 
 __all__ = [
     "LOSS_CLASSES",
+    "PROXY_LOSS_CLASSES",
+    "ArcFaceLoss",
+    "CosFaceLoss",
+    "ProxyAnchorLoss",
+    "ProxyBlock",
+    "ProxyNCALoss",
+    "SubCenterArcFaceLoss",
     "arcface_loss",
     "cosface_loss",
     "proxy_anchor_loss",

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests.jobs import (
     HOROVOD_2,
@@ -241,3 +242,28 @@ def test_an_elastic_job_under_plain_horovodrun_needs_a_workdir(tmp_path):
     assert done.returncode != 0
     assert "An elastic Horovod job needs --workdir" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "runs").exists()
+
+
+class _PeerDiesAtCommit:
+    """Replicas whose collectives fail as Horovod's do when a peer has died."""
+
+    def sum_over_processes(self, array):
+        raise tf.errors.UnknownError(None, None, "Horovod has been shut down: a peer died")
+
+
+def test_a_commit_that_a_peer_never_reaches_saves_nothing():
+    """Horovod's commit saves, then syncs: a survivor would keep a step whose TensorBoard
+    record died, unflushed, with the chief. The state must stay at the last commit."""
+    from horovod.common.exceptions import HorovodInternalError
+
+    from trainer.elastic import TrainingState
+
+    variable = tf.Variable([1.0, 2.0])
+    state = TrainingState(_PeerDiesAtCommit(), [variable], step=120)
+    state.step = 125
+    variable.assign([3.0, 4.0])
+    with pytest.raises(HorovodInternalError):
+        state.commit()
+    state.restore()  # what Horovod's loop does on HorovodInternalError
+    assert state.step == 120
+    np.testing.assert_array_equal(variable.numpy(), [1.0, 2.0])

@@ -175,7 +175,7 @@ def test_bad_settings_and_inputs_are_named():
         losses.subcenter_arcface_loss(e, y, c, sub_centers=4)
     with pytest.raises(ValueError, match="embeddings of width 8 against centres of width 7"):
         losses.arcface_loss(e, y, c[:, :7])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="a label >= the classes of centres"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a label >= the number of classes"):
         losses.arcface_loss(e, np.full(len(e), 6), c)
 
 

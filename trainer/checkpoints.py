@@ -17,8 +17,9 @@ from data.errors import InputError
 
 
 class Checkpoints:
-    def __init__(self, directory: str, replicas, keep: int, **trackables):
+    def __init__(self, directory: str, replicas, keep: int, centres=None, **trackables):
         self.replicas = replicas
+        self.centres = centres  # trainer.class_centres.ShardedCentres: saved beside
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.checkpoint = tf.train.Checkpoint(step=self.step, **trackables)
         self.directory = directory
@@ -44,7 +45,10 @@ class Checkpoints:
                 ) from error
         if broadcast:
             self.replicas.broadcast_variables([*variables, self.step])
-        return int(self.step.numpy())
+        step = int(self.step.numpy())
+        if self.centres is not None and step:
+            self.centres.restore(self.directory, step)  # this replica's rows, any layout
+        return step
 
     @property
     def latest(self) -> str | None:
@@ -53,7 +57,17 @@ class Checkpoints:
     def save(self, step: int) -> str | None:
         """Writes a checkpoint at `step` (chief only); returns its path."""
         self.step.assign(step)
+        if self.replicas.is_chief:
+            os.makedirs(self.directory, exist_ok=True)
+        if self.centres is not None:
+            # Gathered from every process; written before the checkpoint, whose index
+            # (written last) is what makes either of them count.
+            self.centres.save(self.directory, step)
         if not self.replicas.is_chief:
             return None
-        os.makedirs(self.directory, exist_ok=True)
-        return self.manager.save(checkpoint_number=step)
+        path = self.manager.save(checkpoint_number=step)
+        if self.centres is not None:
+            self.centres.forget(
+                self.directory, [p.rsplit("-", 1)[1] for p in self.manager.checkpoints]
+            )
+        return path

@@ -38,6 +38,15 @@ class TrainingState(ObjectState):
     def _read(self) -> list[np.ndarray]:
         return [np.array(v.numpy()) for v in self._variables]
 
+    def commit(self) -> None:
+        """Saves only once every worker has reached the commit. Horovod saves first and
+        syncs after: a worker that died just before the commit (the chief before it flushed
+        the steps' TensorBoard events) would leave the others resuming after steps whose
+        record it took with it."""
+        with _peer_failures_as_horovod_errors():
+            self._replicas.sum_over_processes([0.0])
+        super().commit()
+
     def save(self) -> None:
         self._values = self._read()
         super().save()

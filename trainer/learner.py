@@ -12,6 +12,8 @@ import gin
 import keras
 
 from data.errors import InputError
+from losses import PROXY_LOSS_CLASSES
+from trainer.class_centres import ShardedCentres
 from trainer.key_memory import KeyMemory
 from trainer.model import sync_batchnorm
 from trainer.train_step import TrainStep
@@ -51,6 +53,7 @@ class Learner:
     optimizer: keras.optimizers.Optimizer
     schedule: object  # step -> learning rate, for the logs
     step_fn: TrainStep  # one step on every replica, the loss mined over the global batch
+    centres: ShardedCentres | None = None  # a proxy loss's class centres, one shard a replica
 
     @property
     def memory(self) -> KeyMemory | None:
@@ -81,12 +84,15 @@ def build_learner(
     say,
     cross_batch_memory: int = 0,
     jit_compile_model: bool = False,
+    num_classes: int | None = None,
 ) -> Learner:
     """`model()` under `precision`, seeded, with the named optimizer on the warm-up/cosine
     schedule. `nonfinite='skip'` wraps the optimizer in a loss-scale optimizer of scale 1,
     whose skipping of non-finite steps is what 'skip' needs. `cross_batch_memory` > 0
     keeps that many examples of past global batches as extra keys. `jit_compile_model`
-    compiles the model's forward and backward passes with XLA (not the mining)."""
+    compiles the model's forward and backward passes with XLA (not the mining). A proxy
+    loss gets its centres sharded over the replicas: `num_classes` (the training data's)
+    unless the loss sets it, the width of the model's embeddings."""
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(seed)
     base_rate = learning_rate * (replicas.size if scale_learning_rate else 1)
@@ -108,18 +114,54 @@ def build_learner(
             )
         memory = None
         if cross_batch_memory:
-            memory = KeyMemory(cross_batch_memory, _embedding_width(embedding_model))
+            width = _embedding_width(embedding_model, "train.cross_batch_memory")
+            memory = KeyMemory(cross_batch_memory, width)
+    centres = None
+    if isinstance(loss, PROXY_LOSS_CLASSES):
+        centres = _sharded_centres(
+            loss, replicas, embedding_model, num_classes, optimizer, schedule, weight_decay
+        )
+        say(
+            f"class centres: {loss.num_classes:,} classes × {loss.rows_per_class} × "
+            f"{centres.embedding_dim}, {centres.local_bytes() / 2**20:,.1f} MiB with their "
+            f"optimizer slots on this process ({replicas.size} shards"
+            + (f", Partial FC sample rate {loss.sample_rate}" if loss.sample_rate < 1 else "")
+            + ")"
+        )
     step_fn = TrainStep(
-        embedding_model, opt, loss, replicas, cross_replica_mining, memory, jit_compile_model
-    )
-    return Learner(embedding_model, opt, schedule, step_fn)
+        embedding_model, opt, loss, replicas, cross_replica_mining, memory, jit_compile_model,
+        centres,
+    )  # fmt: skip
+    return Learner(embedding_model, opt, schedule, step_fn, centres)
 
 
-def _embedding_width(model) -> int:
+def _sharded_centres(loss, replicas, model, num_classes, optimizer, schedule, weight_decay):
+    """The proxy loss's centres, sharded; its num_classes and width checked against the
+    training data's classes and the model's embeddings."""
+    name = type(loss).__name__
+    if loss.num_classes is not None and num_classes and loss.num_classes < num_classes:
+        raise InputError(
+            f"{name}.num_classes={loss.num_classes} but the training data has labels up to "
+            f"{num_classes - 1}; leave it unset to take the data's."
+        )
+    classes = loss.num_classes or num_classes
+    if not classes:
+        raise InputError(f"{name}.num_classes is not set and the training data has no labels")
+    width = _embedding_width(model, f"train.loss = {name}")
+    if loss.embedding_dim is not None and loss.embedding_dim != width:
+        raise InputError(
+            f"{name}.embedding_dim={loss.embedding_dim} but the model's embeddings are "
+            f"{width} wide; leave it unset to take the model's."
+        )
+    loss.num_classes, loss.embedding_dim = classes, width
+    return ShardedCentres(loss, replicas, classes, width, optimizer, schedule, weight_decay)
+
+
+def _embedding_width(model, needed_by: str) -> int:
     width = model.output_shape[-1] if model.built else None
     if not isinstance(width, int):
         raise InputError(
-            "train.cross_batch_memory needs a model whose embedding width is known once "
+            f"{needed_by} needs a model whose embedding width is known once "
             f"built; {model.name} gives output shape {getattr(model, 'output_shape', None)}."
         )
     return width

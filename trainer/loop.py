@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from data.errors import InputError
 from data.pipeline import listed, train_batches, unreadable
-from losses import LOSS_CLASSES, TripletSemiHardLoss
+from losses import LOSS_CLASSES, PROXY_LOSS_CLASSES, TripletSemiHardLoss
 from trainer.batchnorm import COLLAPSED, BatchNormStatistics
 from trainer.job_data import JobData, load_data
 from trainer.learner import OPTIMIZERS, PRECISIONS, Learner, build_learner
@@ -30,7 +30,9 @@ from trainer.preemption import StopRequest
 from trainer.train_step import metrics_of
 
 MEMORY_TAG = "memory_negative_fraction"  # written only with train.cross_batch_memory
-MINED_LOSSES = tuple(c.__name__ for c in LOSS_CLASSES if hasattr(c, "terms"))
+MINED_LOSSES = tuple(
+    c.__name__ for c in LOSS_CLASSES if hasattr(c, "terms") or c in PROXY_LOSS_CLASSES
+)
 
 
 @gin.configurable("train", denylist=["workdir", "replicas", "assembled"])
@@ -88,7 +90,7 @@ def train(
     _check_settings(settings, replicas)
     started = time.time()
     loss = loss if loss is not None else TripletSemiHardLoss(margin=0.2, distance="cosine")
-    _check_minable(loss)
+    _check_minable(loss, replicas, cross_replica_mining, cross_batch_memory)
 
     def say(*args, **kwargs):  # the chief's voice (in an elastic job the chief can change)
         if replicas.is_chief:
@@ -121,6 +123,7 @@ def train(
         say,
         cross_batch_memory,
         jit_compile_model,
+        num_classes=int(np.max(data.train_source.labels)) + 1 if len(data.train_source) else None,
     )
     if assembled is not None:
         assembled()  # every configurable has been built: nothing more will read a binding
@@ -285,7 +288,15 @@ def _check_settings(s: dict, replicas) -> None:
     )
 
 
-def _check_minable(loss) -> None:
+def _check_minable(loss, replicas, cross_replica_mining: bool, cross_batch_memory: int) -> None:
+    if isinstance(loss, PROXY_LOSS_CLASSES):
+        name = type(loss).__name__
+        _check(cross_replica_mining, f"train.cross_replica_mining=False: {name} always "
+               "takes the global batch against every replica's block of centres.")  # fmt: skip
+        _check(not cross_batch_memory, f"train.cross_batch_memory is for mined losses, not {name}.")
+        _check(not replicas.elastic, f"train.loss = {name} keeps its centres sharded over "
+               "the workers, which an elastic job cannot re-shard yet; run it without --elastic.")  # fmt: skip
+        return
     _check(
         not hasattr(loss, "memory_size"),
         "train.loss = CrossBatchMemory keeps one device's memory; the job's memory of "

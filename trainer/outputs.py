@@ -51,6 +51,7 @@ def open_outputs(
         os.path.join(workdir, "checkpoints"),
         replicas,
         keep_checkpoints,
+        centres=learner.centres,
         model=learner.model,
         optimizer=learner.optimizer,
         **({"memory": learner.memory} if learner.memory is not None else {}),

@@ -94,6 +94,19 @@ class Replicas:
     def first_local_replica(self) -> int:
         return self.rank * self.local_replicas
 
+    @property
+    def processes(self) -> int:
+        return self.size // self.local_replicas
+
+    def local_replica_index(self) -> int:
+        """Inside `run`: which of this process's replicas is running (a Python int)."""
+        return 0
+
+    def gather_process_rows(self, array) -> np.ndarray:
+        """Every process's numpy `array` (same trailing shape) stacked in process order,
+        on every process."""
+        return np.asarray(array)
+
     def process_rows(self, global_size: int) -> tuple[int, int]:
         """The contiguous rows [start, end) of a global batch that this process reads."""
         bounds = slice_bounds(global_size, self.size)
@@ -210,6 +223,23 @@ class MirroredReplicas(Replicas):
 
     def local_devices(self) -> list:
         return list(self.strategy.extended.worker_devices)
+
+    def local_replica_index(self) -> int:
+        # The public replica_id_in_sync_group is a tensor; a shard is picked in Python.
+        global_index = tf.distribute.get_replica_context()._replica_id_in_sync_group
+        return int(global_index) - self.first_local_replica
+
+    def gather_process_rows(self, array) -> np.ndarray:
+        array = np.asarray(array)
+        if self.processes == 1:
+            return array
+        # MultiWorkerMirrored has no host all-gather: a sum of zero-padded copies.
+        counts = self.sum_over_processes(np.eye(self.processes)[self.rank] * len(array))
+        counts = counts.astype(np.int64)
+        start = int(counts[: self.rank].sum())
+        padded = np.zeros((int(counts.sum()), *array.shape[1:]))
+        padded[start : start + len(array)] = array
+        return self.sum_over_processes(padded).astype(array.dtype)
 
     @property
     def local_replicas(self) -> int:
@@ -344,6 +374,9 @@ class HorovodReplicas(Replicas):
 
     def agree(self, value):
         return self.hvd.broadcast_object(value, root_rank=0)
+
+    def gather_process_rows(self, array) -> np.ndarray:
+        return self.hvd.allgather(tf.convert_to_tensor(array)).numpy()
 
     def sum_over_processes(self, array) -> np.ndarray:
         array = tf.constant(np.asarray(array, np.float64))

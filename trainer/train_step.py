@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.global_loss import loss_and_gradients
+from trainer.proxy_loss import proxy_loss_and_gradients
 from trainer.replicas import Replicas
 
 METRICS = (
@@ -33,12 +34,15 @@ def replica_step(
     memory=None,
     check_finite: bool = True,
     forward=None,
+    centres=None,
 ):
     """One replica's part of a training step, inside `Replicas.run` (or a Keras
     `train_step`): the loss mined over the global batch, the update, and the global
     metrics as one vector in the order of METRICS. Also returns this replica's terms.
 
     `forward` (default `model_forward(model)`) embeds the inputs in training mode.
+    `centres` (trainer.class_centres.ShardedCentres): `loss` is a proxy loss whose
+    centres are sharded over the replicas; each replica updates its own shard.
     `check_finite=False` leaves out the scan of every gradient for `finite_gradients`
     (reported as 1) when nobody reads it; a loss-scale optimizer always needs it. With
     the check, a step whose global loss or any replica's gradient is not finite changes
@@ -46,25 +50,31 @@ def replica_step(
     """
     variables = model.trainable_variables
     is_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    result = loss_and_gradients(
-        loss,
-        replicas,
-        forward or model_forward(model),
-        variables,
-        inputs,
-        labels,
-        cross_replica_mining,
-        optimizer.scale_loss if is_scaled else None,
-        replica_rows,
-        memory,
-    )
+    scale_loss = optimizer.scale_loss if is_scaled else None
+    forward = forward or model_forward(model)
+    centre_grad = None
+    if centres is not None:
+        result, centre_grad = proxy_loss_and_gradients(
+            centres, replicas, forward, variables, inputs, labels, optimizer.iterations,
+            scale_loss, replica_rows,
+        )  # fmt: skip
+    else:
+        result = loss_and_gradients(
+            loss, replicas, forward, variables, inputs, labels, cross_replica_mining,
+            scale_loss, replica_rows, memory,
+        )  # fmt: skip
     grads = result.grads
     if not (check_finite or is_scaled):
         replicas.apply_gradients(optimizer, grads, variables)
+        if centres is not None:
+            centres.apply(centre_grad)
         return metrics_vector(result.loss, result.stats, tf.constant(True)), result.terms
     # The verdict is global: a NaN in any replica's gradient (or the global loss) is a NaN
     # in the summed gradient, so every replica must see it before any weight changes.
-    local = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+    checked = [g for g in (*grads, centre_grad) if g is not None]
+    local = tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(g))) for g in checked]
+    )
     local = tf.logical_and(local, tf.math.is_finite(result.loss))
     finite = replicas.all_reduce_sum(1.0 - tf.cast(local, tf.float32)) == 0.0
     if is_scaled:
@@ -74,6 +84,8 @@ def replica_step(
         replicas.apply_gradients(optimizer, grads, variables)
     else:
         replicas.apply_gradients(optimizer, grads, variables, only_if=finite)
+    if centres is not None:
+        centres.apply(centre_grad, only_if=finite)
     return metrics_vector(result.loss, result.stats, finite), result.terms
 
 
@@ -134,8 +146,10 @@ class TrainStep:
         cross_replica_mining: bool = True,
         memory=None,
         jit_compile_model: bool = False,
+        centres=None,
     ):
         self.model, self.optimizer, self.loss = model, optimizer, loss
+        self.centres = centres  # trainer.class_centres.ShardedCentres of a proxy loss
         self.forward = model_forward(model, jit_compile_model)
         self.replicas = replicas
         self.cross_replica_mining = cross_replica_mining
@@ -164,7 +178,10 @@ class TrainStep:
             replica_rows,
             self.memory,
             forward=self.forward,
+            centres=self.centres,
         )
+        if terms is None:  # a proxy loss: no pairs to histogram
+            return metrics, tf.zeros([0]), tf.zeros([0])
         return metrics, terms.positive_distances, terms.negative_distances
 
     def stage(self, images, labels, global_size: int):

@@ -1,0 +1,261 @@
+"""Proxy losses with class centres sharded over the replicas (Partial FC): the block
+form of the losses, the Keras classes, and training on logical CPUs and Horovod workers
+against one device."""
+
+import threading
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import losses
+from losses import proxies
+from tests.cross_replica_case import mirrored
+from tests.jobs import run_horovod_2, run_job, scalars
+from tests.proxy_case import CLASSES, LOSSES, train
+from trainer.replicas import Replicas
+
+FUNCTIONS = {
+    "proxy_nca": (losses.proxy_nca_loss, {"softmax_scale": 4.0}),
+    "proxy_anchor": (losses.proxy_anchor_loss, {}),
+    "arcface": (losses.arcface_loss, {"scale": 16.0}),
+    "cosface": (losses.cosface_loss, {}),
+    "subcenter_arcface": (losses.subcenter_arcface_loss, {"sub_centers": 2}),
+}
+
+
+class Rendezvous:
+    """Sums and maxima over blocks computed by threads, one per block: each reducer call
+    waits for every block's value (the same calls in the same order on all)."""
+
+    def __init__(self, parties):
+        self.barrier = threading.Barrier(parties, timeout=60)  # a failing block: no hang
+        self.values, self.lock = [], threading.Lock()
+
+    def reducer(self, combine):
+        def reduce(value):
+            with self.lock:
+                self.values.append(value)
+            self.barrier.wait()
+            result = combine(tf.stack(self.values))
+            self.barrier.wait()
+            with self.lock:
+                self.values.clear()
+            self.barrier.wait()
+            return result
+
+        return reduce
+
+
+def blocks_of(name, e, y, c, options, bounds, rows, kept=None):
+    """(value, gradient to the embeddings, gradient to each block) from one thread per
+    block, the sums over blocks done by the rendezvous."""
+    meeting = Rendezvous(len(bounds))
+    out = [None] * len(bounds)
+
+    def work(i, first, end):
+        block_c = tf.Variable(c[first * rows : end * rows])
+        embeddings = tf.Variable(e)
+        with tf.GradientTape() as tape:
+            block = proxies.proxy_loss_block(
+                name, embeddings, y, block_c, first, len(c) // rows, options,
+                meeting.reducer(lambda v: tf.reduce_sum(v, 0)),
+                meeting.reducer(lambda v: tf.reduce_max(v, 0)),
+                None if kept is None else kept[first:end],
+            )  # fmt: skip
+        grad_e, grad_c = tape.gradient(block.surrogate, [embeddings, block_c])
+        out[i] = (float(block.value), grad_e.numpy(), tf.convert_to_tensor(grad_c).numpy())
+
+    threads = [threading.Thread(target=work, args=(i, *b)) for i, b in enumerate(bounds)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    values = [o[0] for o in out]
+    return values, sum(o[1] for o in out), np.concatenate([o[2] for o in out])
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_the_loss_over_three_blocks_equals_the_whole(name):
+    function, settings = FUNCTIONS[name]
+    options = proxies.checked_options(name, **settings)
+    rows = proxies.rows_per_class(name, options)
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 7, size=10)
+    c = rng.normal(size=(8 * rows, 5)).astype(np.float32)  # class 7 has no example
+    e = tf.Variable(rng.normal(size=(10, 5)).astype(np.float32))
+    cv = tf.Variable(c)
+    with tf.GradientTape() as tape:
+        whole = function(e, y, cv, **settings)
+    want_e, want_c = tape.gradient(whole, [e, cv])
+    values, got_e, got_c = blocks_of(name, e.numpy(), y, c, options, [(0, 3), (3, 5), (5, 8)], rows)
+    np.testing.assert_allclose(values, float(whole), rtol=1e-6)  # the same on every block
+    np.testing.assert_allclose(got_e, want_e.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got_c, tf.convert_to_tensor(want_c).numpy(), atol=1e-5)
+
+
+def test_partial_fc_keeps_every_positive_and_draws_the_same_for_any_blocks():
+    labels = tf.constant([3, 3, 17, 250])
+    ids = tf.range(1000)
+    kept = proxies.sampled_classes(ids, labels, 0.1, seed=5, step=7).numpy()
+    assert kept[[3, 17, 250]].all()
+    assert 0.07 < kept.mean() < 0.14, kept.mean()
+    parts = [proxies.sampled_classes(tf.range(a, b), labels, 0.1, 5, 7) for a, b in
+             ((0, 333), (333, 900), (900, 1000))]  # fmt: skip
+    np.testing.assert_array_equal(np.concatenate(parts), kept)
+    other_step = proxies.sampled_classes(ids, labels, 0.1, seed=5, step=8).numpy()
+    assert (other_step != kept).sum() > 50
+
+
+def test_partial_fc_over_blocks_equals_one_block_with_the_same_draw():
+    options = proxies.checked_options("arcface", scale=16.0)
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 12, size=9)
+    c = rng.normal(size=(30, 4)).astype(np.float32)
+    e = rng.normal(size=(9, 4)).astype(np.float32)
+    kept = proxies.sampled_classes(tf.range(30), y, 0.3, seed=1, step=0)
+    one = blocks_of("arcface", e, y, c, options, [(0, 30)], 1, kept)
+    three = blocks_of("arcface", e, y, c, options, [(0, 11), (11, 12), (12, 30)], 1, kept)
+    np.testing.assert_allclose(three[0], one[0][0], rtol=1e-6)
+    np.testing.assert_allclose(three[1], one[1], atol=1e-5)
+    np.testing.assert_allclose(three[2], one[2], atol=1e-5)
+    unsampled = ~kept.numpy()
+    assert unsampled.any() and not np.abs(one[2][unsampled]).any()  # no gradient there
+
+
+def test_initial_centres_do_not_depend_on_the_blocks():
+    whole = proxies.initial_centres(0, 9000, 2, 4, seed=1).numpy()
+    parts = [proxies.initial_centres(a, b, 2, 4, seed=1).numpy() for a, b in
+             ((0, 4095), (4095, 4097), (4097, 9000))]  # fmt: skip
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_a_proxy_loss_class_trains_its_centres_in_plain_model_fit():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    y = np.arange(64) % 4
+    x[:, :4] += 3 * np.eye(4)[y]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8)])
+    loss = losses.ArcFaceLoss(num_classes=4, scale=16.0)
+    loss.attach(model)
+    before = loss.centres.numpy().copy()
+    initial = float(losses.arcface_loss(model(x), y, before, scale=16.0))
+    assert float(loss(y, model(x))) == pytest.approx(initial, rel=1e-6)
+    model.compile(keras.optimizers.Adam(0.05), loss=loss)
+    model.fit(x, y, batch_size=16, epochs=5, verbose=0)
+    assert np.abs(loss.centres.numpy() - before).max() > 0.01  # the centres trained
+    assert float(loss(y, model(x))) < 0.5 * initial
+    config = loss.get_config()
+    assert (config["num_classes"], config["embedding_dim"], config["scale"]) == (4, 8, 16.0)
+
+
+def test_proxy_loss_classes_name_bad_settings():
+    with pytest.raises(ValueError, match="sample_rate must be in"):
+        losses.ArcFaceLoss(sample_rate=0)
+    with pytest.raises(ValueError, match="ProxyAnchorLoss takes every proxy"):
+        losses.ProxyAnchorLoss(sample_rate=0.5)
+    with pytest.raises(ValueError, match="arcface takes no option alpha"):
+        losses.ArcFaceLoss(alpha=3)
+    with pytest.raises(ValueError, match="has no centres yet"):
+        losses.CosFaceLoss()(np.zeros(2), np.zeros((2, 3), np.float32))
+
+
+def assert_same_training(got, want, rtol=1e-5, atol=1e-6):
+    np.testing.assert_allclose(got["losses"], want["losses"], rtol=rtol)
+    for g, w in zip(got["weights"], want["weights"], strict=True):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+    for name in ("centres", "m", "v"):
+        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_centres_sharded_over_replicas_train_as_one_device(loss_name):
+    """Three steps of Adam: the losses, the model and the centres with their slots."""
+    one = train(Replicas(), loss_name)
+    assert one["centres"].shape[0] == CLASSES * (2 if "subcenter" in loss_name else 1)
+    for count in (2, 3):  # 7 classes over 3 replicas: 3/2/2
+        assert_same_training(train(mirrored(count), loss_name), one)
+
+
+def test_the_one_device_step_is_the_loss_function_s_gradient():
+    """SGD, one step: the update is -rate × the gradient of losses.arcface_loss."""
+    from tests.cross_replica_case import build_model
+    from tests.proxy_case import batches
+
+    got = train(Replicas(), "arcface", optimizer="sgd", steps=1)
+    model = build_model()
+    centres = tf.Variable(proxies.initial_centres(0, CLASSES, 1, 8, seed=3))
+    x, labels = batches(1)[0]
+    with tf.GradientTape() as tape:
+        value = losses.arcface_loss(model(x), labels, centres, scale=16.0)
+    grads = tape.gradient(value, [*model.trainable_variables, centres])
+    assert got["losses"][0] == pytest.approx(float(value), rel=1e-6)
+    want = [
+        w.numpy() - 0.05 * g.numpy()
+        for w, g in zip(model.trainable_variables, grads[:-1], strict=True)
+    ]
+    for g, w in zip(got["weights"], want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-6)
+    np.testing.assert_allclose(
+        got["centres"], centres.numpy() - 0.05 * grads[-1].numpy(), atol=1e-6
+    )
+
+
+def test_horovod_workers_with_sharded_centres_train_as_one_device(tmp_path):
+    out = tmp_path / "horovod.npz"
+    run_horovod_2("tests.horovod_proxy_worker", str(out))
+    got = dict(np.load(out, allow_pickle=True))
+    for name in ("arcface", "proxy_anchor", "subcenter_arcface", "arcface_partial_fc"):
+        want = train(Replicas(), name)
+        result = {k.split("/", 1)[1]: v for k, v in got.items() if k.startswith(name + "/")}
+        weights = [result.pop(f"weight{i}") for i in range(len(want["weights"]))]
+        assert_same_training({**result, "weights": weights}, want)
+
+
+PROXY_JOB = (
+    "train.loss=@ArcFaceLoss()",
+    "ArcFaceLoss.scale=16.0",
+    "ArcFaceLoss.num_classes=20",  # 14 classes never in a batch: Partial FC draws among them
+    "ArcFaceLoss.sample_rate=0.5",
+    "train.learning_rate=0.01",
+    "train.steps=12",
+    "train.log_every=1",
+    "train.checkpoint_every=6",
+    "train.eval_every=100",
+    "train.export_model=False",
+    "distribute.strategy='mirrored'",
+)
+
+
+def test_a_job_resumed_on_more_replicas_reshards_its_centres(tmp_path):
+    """2 replicas to step 6, then 4 from its checkpoint: the loss curve of 4 replicas
+    from the start (the centres re-sharded 2 -> 4 with their Adam slots)."""
+    resumed = tmp_path / "resumed"
+    first = run_job(resumed, (*PROXY_JOB, "distribute.cpu_replicas=2", "train.stop_after_steps=6"))
+    assert "2 shards, Partial FC sample rate 0.5" in first.stdout
+    assert (resumed / "checkpoints" / "centres-6.index").exists()
+    run_job(resumed, (*PROXY_JOB, "distribute.cpu_replicas=4"))
+    straight = tmp_path / "straight"
+    run_job(straight, (*PROXY_JOB, "distribute.cpu_replicas=4"))
+    got, want = scalars(resumed, "train/loss"), scalars(straight, "train/loss")
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)],
+                               rtol=1e-5)  # fmt: skip
+    assert want[12] < want[1]
+    # Only the kept checkpoints' centres stay (train.keep_checkpoints).
+    kept = {p.name for p in (resumed / "checkpoints").glob("centres-*.index")}
+    assert kept == {"centres-6.index", "centres-12.index"}
+
+
+def test_a_checkpoint_of_other_centres_is_refused_by_name(tmp_path):
+    workdir = tmp_path / "job"
+    run_job(workdir, (*PROXY_JOB, "distribute.cpu_replicas=2", "train.stop_after_steps=6"))
+    done = run_job(
+        workdir,
+        (*PROXY_JOB, "ArcFaceLoss.num_classes=30", "distribute.cpu_replicas=2"),
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "holds centres of shape [20, " in done.stderr and "[30, " in done.stderr

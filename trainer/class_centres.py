@@ -1,0 +1,234 @@
+"""Class centres of a proxy loss, sharded by class over the replicas (Partial FC).
+
+Replica r holds the centres of classes [a_r, b_r) (`slice_bounds` over the classes) and
+their optimizer slots, on its own device; nothing else of them exists anywhere. Each
+step, every replica computes its block's logits for the gathered global batch, and the
+loss's softmax (or Proxy-Anchor's sums) combines over replicas through all-reduces of
+per-example vectors (losses.proxies.proxy_loss_block). A centre's gradient never leaves
+its replica: the shard is updated where it lives, by TensorFlow's fused optimizer
+kernels (Keras' optimizers sum gradients over replicas, which a shard must not do).
+
+Checkpoints hold the whole matrix, in class order, so a job resumes on any replica
+count: the chief gathers the shards when it saves, and each replica reads back only its
+rows (a sliced restore). The file sits beside the checkpoint it belongs to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from data.errors import InputError
+from losses.proxies import initial_centres
+from trainer.replicas import Replicas, slice_bounds
+
+SLOTS = {"adam": ("m", "v"), "adamw": ("m", "v"), "sgd": ()}
+BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7  # Keras' Adam defaults, which the model's optimizer uses
+SAVED = ("centres", "m", "v")
+
+
+class _Shard:
+    """One replica's rows of the centres, with their optimizer slots and step count."""
+
+    def __init__(self, values, optimizer: str, name: str):
+        self.centres = tf.Variable(values, name=f"{name}_centres")
+        self.slots = {
+            slot: tf.Variable(tf.zeros_like(values), trainable=False, name=f"{name}_{slot}")
+            for slot in SLOTS[optimizer]
+        }
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}_steps")
+
+
+class ShardedCentres:
+    """The centres of `loss` (a losses proxy class) split over `replicas` by class."""
+
+    def __init__(
+        self,
+        loss,
+        replicas: Replicas,
+        num_classes: int,
+        embedding_dim: int,
+        optimizer: str,
+        schedule,
+        weight_decay: float = 0.0,
+    ):
+        if optimizer not in SLOTS:
+            raise InputError(f"train.optimizer={optimizer!r} has no sharded-centre update")
+        self.loss, self.replicas = loss, replicas
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.rows_per_class = loss.rows_per_class
+        self.optimizer, self.schedule, self.weight_decay = optimizer, schedule, weight_decay
+        self.bounds = slice_bounds(num_classes, replicas.size)
+        self.shards = []
+        # Plain variables on each local replica's device, outside the strategy's scope:
+        # a shard is never mirrored, broadcast or summed.
+        with tf.init_scope():
+            for index, device in enumerate(replicas.local_devices()):
+                first, end = self.bounds[replicas.first_local_replica + index]
+                with tf.device(device) if device else contextlib.nullcontext():
+                    values = initial_centres(
+                        first, end, self.rows_per_class, embedding_dim, loss.seed
+                    )
+                    self.shards.append(_Shard(values, optimizer, f"replica_{index}"))
+
+    # --- inside a step --------------------------------------------------------------
+    def _local(self) -> tuple[_Shard, int, int]:
+        index = self.replicas.local_replica_index()
+        first, end = self.bounds[self.replicas.first_local_replica + index]
+        return self.shards[index], first, end
+
+    def variable(self) -> tf.Variable:
+        """This replica's centres (inside `Replicas.run`)."""
+        return self._local()[0].centres
+
+    def block(self, embeddings, labels, step):
+        """The loss of the gathered global batch for this replica's block of classes
+        (a losses.proxies.ProxyBlock): per-example sums over the replicas' blocks."""
+        shard, first, end = self._local()
+        replicas = self.replicas
+
+        def reduce_max(value):
+            rows = replicas.all_gather(tf.stop_gradient(value)[None], (1,) * replicas.size)
+            return tf.reduce_max(rows, axis=0)
+
+        return self.loss.block(
+            embeddings,
+            labels,
+            shard.centres,
+            first,
+            end,
+            step,
+            reduce_sum=replicas.all_reduce_sum,
+            reduce_max=reduce_max,
+        )
+
+    def apply(self, gradient, only_if=None) -> None:
+        """Updates this replica's shard with its own gradient (when `only_if`)."""
+        shard = self._local()[0]
+
+        def update():
+            learning_rate = tf.cast(self.schedule(shard.iterations), tf.float32)
+            grad = tf.convert_to_tensor(gradient)  # Partial FC: dense, as the slots are
+            if self.optimizer == "adamw" and self.weight_decay:
+                shard.centres.assign_sub(shard.centres * self.weight_decay * learning_rate)
+            if self.optimizer == "sgd":
+                tf.raw_ops.ResourceApplyGradientDescent(
+                    var=shard.centres.handle, alpha=learning_rate, delta=grad
+                )
+            else:
+                t = tf.cast(shard.iterations + 1, tf.float32)
+                tf.raw_ops.ResourceApplyAdam(
+                    var=shard.centres.handle,
+                    m=shard.slots["m"].handle,
+                    v=shard.slots["v"].handle,
+                    beta1_power=BETA_1**t,
+                    beta2_power=BETA_2**t,
+                    lr=learning_rate,
+                    beta1=BETA_1,
+                    beta2=BETA_2,
+                    epsilon=EPSILON,
+                    grad=grad,
+                )
+            shard.iterations.assign_add(1)
+
+        if only_if is None:
+            update()
+        else:
+            tf.cond(only_if, lambda: (update(), tf.constant(True))[1], lambda: tf.constant(False))
+
+    # --- outside the steps ------------------------------------------------------------
+    def local_bytes(self) -> int:
+        """Bytes of this process's centres and slots."""
+        return sum(
+            int(np.prod(v.shape)) * v.dtype.size
+            for s in self.shards
+            for v in (s.centres, *s.slots.values())
+        )
+
+    def gathered(self) -> dict:
+        """The whole matrices in class order (numpy), on every process (a collective)."""
+        result = {}
+        for name in SAVED:
+            local = [_saved(s, name) for s in self.shards]
+            if any(v is None for v in local):
+                continue
+            result[name] = self.replicas.gather_process_rows(np.concatenate(local, axis=0))
+        return result
+
+    def save(self, directory: str, step: int) -> None:
+        """Writes the whole centres and slots for checkpoint `step` (the chief writes;
+        every process must call: the shards are gathered)."""
+        full = self.gathered()
+        if not self.replicas.is_chief:
+            return
+        names = [*full, "iterations"]
+        tensors = [*full.values(), np.array(self.shards[0].iterations.numpy(), np.int64)]
+        tf.raw_ops.SaveV2(
+            prefix=centres_prefix(directory, step),
+            tensor_names=names,
+            shape_and_slices=[""] * len(names),
+            tensors=tensors,
+        )
+
+    def restore(self, directory: str, step: int) -> None:
+        """Reads this replica's rows of checkpoint `step`'s centres and slots (any
+        replica count may have written them)."""
+        prefix = centres_prefix(directory, step)
+        try:
+            reader = tf.train.load_checkpoint(prefix)
+        except (tf.errors.OpError, ValueError) as error:
+            raise InputError(
+                f"checkpoint {step} has no class centres readable here ({prefix}: "
+                f"{str(error).splitlines()[0][:200]}); the centres are sharded, so every "
+                "worker must see the workdir's checkpoints"
+            ) from error
+        shapes = reader.get_variable_to_shape_map()
+        expected = [self.num_classes * self.rows_per_class, self.embedding_dim]
+        if shapes.get("centres") != expected:
+            raise InputError(
+                f"checkpoint {step} holds centres of shape {shapes.get('centres')}, this job "
+                f"{expected} (num_classes × rows per class, embedding width); resume with "
+                "the configuration that wrote it"
+            )
+        iterations = reader.get_tensor("iterations")
+        for index, shard in enumerate(self.shards):
+            first, end = self.bounds[self.replicas.first_local_replica + index]
+            k = self.rows_per_class
+            for name in SAVED:
+                target = _saved(shard, name, variable=True)
+                if target is None:
+                    continue
+                if name not in shapes:
+                    raise InputError(f"checkpoint {step} has no centre slot {name!r}")
+                spec = f"{expected[0]} {expected[1]} {first * k},{(end - first) * k}:-"
+                (value,) = tf.raw_ops.RestoreV2(
+                    prefix=prefix, tensor_names=[name], shape_and_slices=[spec], dtypes=[tf.float32]
+                )
+                target.assign(value)
+            shard.iterations.assign(iterations)
+
+    @staticmethod
+    def forget(directory: str, keep_steps) -> None:
+        """Deletes the centre files of checkpoints no longer kept."""
+        keep = {int(s) for s in keep_steps}
+        for index in glob.glob(os.path.join(directory, "centres-*.index")):
+            match = re.search(r"centres-(\d+)\.index$", index)
+            if match and int(match.group(1)) not in keep:
+                for path in glob.glob(index[: -len(".index")] + ".*"):
+                    os.remove(path)
+
+
+def centres_prefix(directory: str, step: int) -> str:
+    return os.path.join(directory, f"centres-{step}")
+
+
+def _saved(shard: _Shard, name: str, variable: bool = False):
+    value = shard.centres if name == "centres" else shard.slots.get(name)
+    if value is None or variable:
+        return value
+    return value.numpy()

@@ -1,0 +1,48 @@
+"""The step's loss for a proxy loss, whose class centres are sharded over the replicas.
+
+Each replica embeds its slice, gathers the global batch (embeddings and labels, one
+all-gather whose backward pass returns each embedding's gradient to its owner), and
+takes the loss of the whole batch against its own block of centres
+(trainer/class_centres.py). The block's surrogate has, as gradient, exactly this
+block's share of the global loss's gradient: summed over replicas (the optimizer does
+that for the model's weights) it is the gradient one device computes, while the
+centres' gradient is the owner's alone.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from losses.mining import class_ids
+from trainer.global_loss import STATS, StepResult, _gather_keys
+
+
+def proxy_loss_and_gradients(
+    centres, replicas, embed, variables, inputs, labels, step, scale_loss=None, replica_rows=None
+) -> tuple[StepResult, tf.Tensor]:
+    """Runs inside `Replicas.run`: (the model's gradients, loss and STATS; this replica's
+    centre gradient). `scale_loss` (a loss-scale optimizer's) scales what is
+    differentiated; the centre gradient comes back unscaled."""
+    labels = tf.cast(class_ids(labels), tf.int32)
+    shard = centres.variable()
+    with tf.GradientTape() as tape:
+        embeddings = tf.cast(embed(inputs), tf.float32)
+        me = tf.cast(replicas.replica_index(), tf.int32)
+        no_carrier = tf.zeros([tf.shape(embeddings)[0], 0])
+        keys, key_labels, _, _ = _gather_keys(
+            replicas, embeddings, labels, me, no_carrier, replica_rows
+        )
+        block = centres.block(keys, key_labels, step)
+        target = block.surrogate if scale_loss is None else scale_loss(block.surrogate)
+    *grads, centre_grad = tape.gradient(target, [*variables, shard])
+    if scale_loss is not None:
+        centre_grad = tf.convert_to_tensor(centre_grad) / scale_loss(tf.constant(1.0))
+    rows = tf.cast(tf.shape(keys)[0], tf.float32)
+    stats = {name: tf.constant(0.0) for name in STATS}
+    stats.update(
+        loss_sum=block.value,
+        count=tf.constant(1.0),
+        norm_sum=tf.reduce_sum(tf.norm(tf.stop_gradient(keys), axis=1)),
+        rows=rows,
+    )
+    return StepResult(grads=grads, loss=block.value, stats=stats, terms=None), centre_grad

@@ -259,3 +259,23 @@ def test_a_checkpoint_of_other_centres_is_refused_by_name(tmp_path):
     )
     assert done.returncode == 2
     assert "holds centres of shape [20, " in done.stderr and "[30, " in done.stderr
+
+
+def test_a_finished_job_exports_the_whole_centres_beside_the_model(tmp_path):
+    workdir = tmp_path / "job"
+    params = [p for p in PROXY_JOB if not p.startswith("train.export_model")]
+    done = run_job(workdir, (*params, "distribute.cpu_replicas=3", "train.steps=4"))
+    centres = np.load(workdir / "class_centres.npy")
+    assert centres.shape == (20, 256) and np.isfinite(centres).all()
+    assert "class_centres.npy" in done.stdout
+    # The last checkpoint holds the same matrix.
+    saved = tf.train.load_checkpoint(str(workdir / "checkpoints" / "centres-4"))
+    np.testing.assert_array_equal(saved.get_tensor("centres"), centres)
+
+
+def test_global_mining_model_refuses_a_proxy_loss_by_name():
+    from trainer.fit import GlobalMiningModel
+
+    model = GlobalMiningModel(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+    with pytest.raises(ValueError, match="does not shard the centres of ArcFaceLoss yet"):
+        model.compile(loss=losses.ArcFaceLoss(num_classes=3))

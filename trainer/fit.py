@@ -87,6 +87,12 @@ class GlobalMiningModel(keras.Model):
                 "replica's own slice. Compile the wrapped loss, or use the training job's "
                 "memory of global batches (train.cross_batch_memory)."
             )
+        if callable(getattr(loss, "block", None)):
+            raise ValueError(
+                f"GlobalMiningModel does not shard the centres of {type(loss).__name__} yet: "
+                "train it with the trainer (train.loss = @ArcFaceLoss() etc.), or on one "
+                "device with plain keras.Model.fit after loss.attach(model)."
+            )
         if not callable(getattr(loss, "terms", None)):
             raise ValueError(
                 f"GlobalMiningModel needs a loss that can be mined over a batch (a class of "

@@ -291,11 +291,17 @@ def _check_settings(s: dict, replicas) -> None:
 def _check_minable(loss, replicas, cross_replica_mining: bool, cross_batch_memory: int) -> None:
     if isinstance(loss, PROXY_LOSS_CLASSES):
         name = type(loss).__name__
-        _check(cross_replica_mining, f"train.cross_replica_mining=False: {name} always "
-               "takes the global batch against every replica's block of centres.")  # fmt: skip
+        _check(
+            cross_replica_mining,
+            f"train.cross_replica_mining=False: {name} always takes the global batch "
+            "against every replica's block of centres.",
+        )
         _check(not cross_batch_memory, f"train.cross_batch_memory is for mined losses, not {name}.")
-        _check(not replicas.elastic, f"train.loss = {name} keeps its centres sharded over "
-               "the workers, which an elastic job cannot re-shard yet; run it without --elastic.")  # fmt: skip
+        _check(
+            not replicas.elastic,
+            f"train.loss = {name} keeps its centres sharded over the workers, which an "
+            "elastic job cannot re-shard yet; run it without --elastic.",
+        )
         return
     _check(
         not hasattr(loss, "memory_size"),
@@ -415,8 +421,11 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
         final = max(start, steps)
         results, embeddings = _evaluate(job, final, _refresh_batchnorm(job, final))
     out.summaries.flush()
+    centres = None
+    if learner.centres is not None and out.export_model:
+        centres = learner.centres.gathered()["centres"]  # from every process
     if job.replicas.is_chief:
-        write_results(out, learner.model, embeddings, data, results)
+        write_results(out, learner.model, embeddings, data, results, centres)
     say(final_summary(out, results, time.time() - job.started))
     return results
 

@@ -75,15 +75,18 @@ class ExportMismatch(RuntimeError):
     """The exported SavedModel does not give the embeddings that were evaluated."""
 
 
-def write_results(outputs: Outputs, model, embeddings, data, results: dict) -> None:
+def write_results(outputs: Outputs, model, embeddings, data, results: dict, centres=None) -> None:
     """The chief's last outputs: results.json, the projector files, the SavedModel,
-    checked to give the evaluated embeddings of the first evaluation batch."""
+    checked to give the evaluated embeddings of the first evaluation batch, and a proxy
+    loss's whole `centres` (C·k, D) beside it, for classification."""
     with open(os.path.join(outputs.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     export.projector(outputs.workdir, embeddings, data.eval_source)
     if outputs.export_model:
         path = export.saved_model(model, os.path.join(outputs.workdir, "saved_model"))
         check_export(path, embeddings, data)
+        if centres is not None:
+            np.save(os.path.join(outputs.workdir, "class_centres.npy"), centres)
 
 
 def check_export(path: str, embeddings, data, rows: int = 64, tolerance: float = 1e-5) -> float:
@@ -117,6 +120,9 @@ def final_summary(outputs: Outputs, results: dict, seconds: float) -> str:
     ]
     if outputs.export_model:
         lines.append(f"  saved model  {os.path.join(workdir, 'saved_model')}")
+        centres = os.path.join(workdir, "class_centres.npy")
+        if os.path.exists(centres):
+            lines.append(f"  centres      {centres} (the proxy loss's, one row per class)")
     return "\n".join(lines)
 
 

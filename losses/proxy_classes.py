@@ -89,9 +89,10 @@ class _ProxyLoss(WholeBatchLoss):
         self, embeddings, labels, centres, first_class, end_class, step, reduce_sum, reduce_max
     ) -> proxies.ProxyBlock:
         """The loss for the centres of classes [first_class, end_class) (see
-        losses.proxies.proxy_loss_block), with this step's Partial FC draw."""
+        losses.proxies.proxy_loss_block), with this step's Partial FC draw (`step` None:
+        every centre, as for evaluation)."""
         kept = None
-        if self.sample_rate < 1:
+        if self.sample_rate < 1 and step is not None:  # step None: evaluation, every centre
             kept = proxies.sampled_classes(
                 tf.range(first_class, end_class), labels, self.sample_rate, self.seed, step
             )

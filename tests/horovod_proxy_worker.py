@@ -15,5 +15,25 @@ for name in ("arcface", "proxy_anchor", "subcenter_arcface", "arcface_partial_fc
     weights = done.pop("weights")
     results.update({f"{name}/{k}": v for k, v in done.items()})
     results.update({f"{name}/weight{i}": w for i, w in enumerate(weights)})
+
+# GlobalMiningModel.fit under horovodrun: each worker feeds its slice of every global batch.
+import keras  # noqa: E402
+
+import losses  # noqa: E402
+from tests.fit_case import GLOBAL_BATCH, batches, embedding_net, worker_slice  # noqa: E402
+from trainer.fit import GlobalMiningModel  # noqa: E402
+
+x, y = batches()
+model = GlobalMiningModel(embedding_net())
+model.compile(
+    optimizer=keras.optimizers.Adam(0.05), loss=losses.ArcFaceLoss(num_classes=9, scale=16.0)
+)
+model.fit(
+    worker_slice(x, replicas.rank, 2), worker_slice(y, replicas.rank, 2),
+    batch_size=GLOBAL_BATCH // 2, shuffle=False, verbose=0,
+)  # fmt: skip
+gathered = model.centres.gathered()
+results.update({f"fit/{k}": v for k, v in gathered.items()})
+results.update({f"fit/weight{i}": w for i, w in enumerate(model.get_weights())})
 if replicas.rank == 0:
     np.savez(sys.argv[1], **results)

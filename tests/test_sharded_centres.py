@@ -204,6 +204,7 @@ def test_the_one_device_step_is_the_loss_function_s_gradient():
 
 
 def test_horovod_workers_with_sharded_centres_train_as_one_device(tmp_path):
+    """The trainer's step (4 losses) and GlobalMiningModel.fit, on 2 Horovod workers."""
     out = tmp_path / "horovod.npz"
     run_horovod_2("tests.horovod_proxy_worker", str(out))
     got = dict(np.load(out, allow_pickle=True))
@@ -212,6 +213,12 @@ def test_horovod_workers_with_sharded_centres_train_as_one_device(tmp_path):
         result = {k.split("/", 1)[1]: v for k, v in got.items() if k.startswith(name + "/")}
         weights = [result.pop(f"weight{i}") for i in range(len(want["weights"]))]
         assert_same_training({**result, "weights": weights}, want)
+    # GlobalMiningModel.fit on the two workers, against one device.
+    one, _, one_centres = fitted_arcface()
+    for name in ("centres", "m", "v"):
+        np.testing.assert_allclose(got[f"fit/{name}"], one_centres[name], rtol=1e-5, atol=1e-6)
+    for i, w in enumerate(one.get_weights()):
+        np.testing.assert_allclose(got[f"fit/weight{i}"], w, rtol=1e-5, atol=1e-6)
 
 
 PROXY_JOB = (
@@ -273,9 +280,41 @@ def test_a_finished_job_exports_the_whole_centres_beside_the_model(tmp_path):
     np.testing.assert_array_equal(saved.get_tensor("centres"), centres)
 
 
-def test_global_mining_model_refuses_a_proxy_loss_by_name():
+def fitted_arcface(strategy=None, optimizer=lambda: keras.optimizers.Adam(0.05)):
+    """GlobalMiningModel.fit with ArcFace over tests/fit_case.py's batches (8 classes)."""
+    import contextlib
+
+    from tests.fit_case import GLOBAL_BATCH, batches, embedding_net
+    from trainer.fit import GlobalMiningModel
+
+    x, y = batches()
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = GlobalMiningModel(embedding_net())
+        model.compile(optimizer=optimizer(), loss=losses.ArcFaceLoss(num_classes=9, scale=16.0))
+    history = model.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
+    return model, history, model.centres.gathered()
+
+
+def test_global_mining_model_shards_the_centres_and_fits_as_one_device():
+    from tests.fit_case import mirrored_strategy
+
+    one, one_history, one_centres = fitted_arcface()
+    assert one.centres.bounds == [(0, 9)]
+    two, two_history, two_centres = fitted_arcface(mirrored_strategy(2))
+    assert two.centres.bounds == [(0, 5), (5, 9)]
+    np.testing.assert_allclose(two_history.history["loss"], one_history.history["loss"], rtol=1e-5)
+    for a, b in zip(two.get_weights(), one.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for name in ("centres", "m", "v"):
+        np.testing.assert_allclose(two_centres[name], one_centres[name], rtol=1e-5, atol=1e-6)
+    assert np.abs(one_centres["centres"] - proxies.initial_centres(0, 9, 1, 8, 0)).max() > 0.01
+
+
+def test_global_mining_model_names_what_a_proxy_loss_lacks():
     from trainer.fit import GlobalMiningModel
 
     model = GlobalMiningModel(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
-    with pytest.raises(ValueError, match="does not shard the centres of ArcFaceLoss yet"):
-        model.compile(loss=losses.ArcFaceLoss(num_classes=3))
+    with pytest.raises(ValueError, match="needs its num_classes set"):
+        model.compile(loss=losses.ArcFaceLoss())
+    with pytest.raises(ValueError, match="Adam, AdamW or SGD without momentum; got RMSprop"):
+        fitted_arcface(optimizer=lambda: keras.optimizers.RMSprop())

@@ -28,7 +28,7 @@ from losses.proxies import initial_centres
 from trainer.replicas import Replicas, slice_bounds
 
 SLOTS = {"adam": ("m", "v"), "adamw": ("m", "v"), "sgd": ()}
-BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7  # Keras' Adam defaults, which the model's optimizer uses
+ADAM_DEFAULTS = (0.9, 0.999, 1e-7)  # Keras' beta_1, beta_2, epsilon (the trainer's Adam)
 SAVED = ("centres", "m", "v")
 
 
@@ -56,6 +56,7 @@ class ShardedCentres:
         optimizer: str,
         schedule,
         weight_decay: float = 0.0,
+        adam: tuple = ADAM_DEFAULTS,
     ):
         if optimizer not in SLOTS:
             raise InputError(f"train.optimizer={optimizer!r} has no sharded-centre update")
@@ -63,6 +64,7 @@ class ShardedCentres:
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.rows_per_class = loss.rows_per_class
         self.optimizer, self.schedule, self.weight_decay = optimizer, schedule, weight_decay
+        self.adam = tuple(float(v) for v in adam)  # beta_1, beta_2, epsilon
         self.bounds = slice_bounds(num_classes, replicas.size)
         self.shards = []
         # Plain variables on each local replica's device, outside the strategy's scope:
@@ -122,16 +124,17 @@ class ShardedCentres:
                 )
             else:
                 t = tf.cast(shard.iterations + 1, tf.float32)
+                beta_1, beta_2, epsilon = self.adam
                 tf.raw_ops.ResourceApplyAdam(
                     var=shard.centres.handle,
                     m=shard.slots["m"].handle,
                     v=shard.slots["v"].handle,
-                    beta1_power=BETA_1**t,
-                    beta2_power=BETA_2**t,
+                    beta1_power=beta_1**t,
+                    beta2_power=beta_2**t,
                     lr=learning_rate,
-                    beta1=BETA_1,
-                    beta2=BETA_2,
-                    epsilon=EPSILON,
+                    beta1=beta_1,
+                    beta2=beta_2,
+                    epsilon=epsilon,
                     grad=grad,
                 )
             shard.iterations.assign_add(1)
@@ -232,3 +235,27 @@ def _saved(shard: _Shard, name: str, variable: bool = False):
     if value is None or variable:
         return value
     return value.numpy()
+
+
+def centres_for_optimizer(loss, replicas, num_classes: int, embedding_dim: int, optimizer):
+    """Sharded centres updated like a Keras `optimizer` would (Adam, AdamW, or SGD
+    without momentum), at its learning rate: for `GlobalMiningModel`."""
+    import keras
+
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if isinstance(inner, keras.optimizers.AdamW):
+        kind, decay = "adamw", float(inner.weight_decay or 0.0)
+    elif isinstance(inner, keras.optimizers.Adam):
+        kind, decay = "adam", 0.0
+    elif isinstance(inner, keras.optimizers.SGD) and not inner.momentum:
+        kind, decay = "sgd", 0.0
+    else:
+        raise ValueError(
+            f"the centres of {type(loss).__name__} are updated by Adam, AdamW or SGD without "
+            f"momentum; got {type(inner).__name__}"
+        )
+    adam = (inner.beta_1, inner.beta_2, inner.epsilon) if kind != "sgd" else ADAM_DEFAULTS
+    return ShardedCentres(
+        loss, replicas, num_classes, embedding_dim, kind, lambda _: inner.learning_rate,
+        decay, adam,
+    )  # fmt: skip

@@ -23,8 +23,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.global_loss import loss_and_statistics
+from trainer.class_centres import centres_for_optimizer
+from trainer.global_loss import STATS, loss_and_statistics
 from trainer.placement import place_worker
+from trainer.proxy_loss import proxy_loss_value
 from trainer.replicas import HorovodReplicas, from_context, launched_by_horovodrun
 from trainer.train_step import METRICS, metrics_vector, model_forward, replica_step
 
@@ -87,13 +89,14 @@ class GlobalMiningModel(keras.Model):
                 "replica's own slice. Compile the wrapped loss, or use the training job's "
                 "memory of global batches (train.cross_batch_memory)."
             )
-        if callable(getattr(loss, "block", None)):
+        proxy = callable(getattr(loss, "block", None))
+        if proxy and (loss.num_classes is None or not self.cross_replica_mining):
             raise ValueError(
-                f"GlobalMiningModel does not shard the centres of {type(loss).__name__} yet: "
-                "train it with the trainer (train.loss = @ArcFaceLoss() etc.), or on one "
-                "device with plain keras.Model.fit after loss.attach(model)."
+                f"GlobalMiningModel with {type(loss).__name__} needs its num_classes set, "
+                "and cross_replica_mining=True (the centres are sharded over the replicas)."
             )
-        if not callable(getattr(loss, "terms", None)):
+        self.centres = None  # built at fit, when the embedding width is known
+        if not (proxy or callable(getattr(loss, "terms", None))):
             raise ValueError(
                 f"GlobalMiningModel needs a loss that can be mined over a batch (a class of "
                 f"`losses` with a query/key form, e.g. TripletSemiHardLoss()), got {loss!r}."
@@ -121,9 +124,28 @@ class GlobalMiningModel(keras.Model):
 
     def fit(self, x=None, y=None, **kwargs):
         """Keras' fit. Under Horovod the workers first take rank 0's weights."""
+        if callable(getattr(self.loss, "block", None)) and self.centres is None:
+            self._build_centres(x)
         if isinstance(self.replicas, HorovodReplicas):
             self._start_from_chief(x)
         return super().fit(x, y, **kwargs)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kwargs):
+        # Keras calls this only to build the model symbolically (the steps here compute
+        # their own loss); a proxy loss's own call would need the whole centre matrix.
+        if getattr(self, "centres", None) is not None:
+            return tf.constant(0.0)
+        return super().compute_loss(x, y, y_pred, sample_weight, **kwargs)
+
+    def _build_centres(self, x) -> None:
+        """A proxy loss's centres, sharded over the replicas like the trainer's
+        (trainer/class_centres.py; `self.centres.save` / `restore` checkpoint them)."""
+        if not self.embedding_model.built or not self.embedding_model.weights:
+            self.embedding_model(_example_batch(x), training=False)
+        width = self.embedding_model.output_shape[-1]
+        self.centres = centres_for_optimizer(
+            self.loss, self.replicas, self.loss.num_classes, width, self.optimizer
+        )
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras 3 builds the model on the mean of a distributed batch over replicas, which
@@ -154,6 +176,7 @@ class GlobalMiningModel(keras.Model):
             self._replica_rows(y),
             check_finite=False,  # fit's logs leave finite_gradients out
             forward=self._forward,
+            centres=getattr(self, "centres", None),
         )
         return self._logged(metrics)
 
@@ -161,6 +184,10 @@ class GlobalMiningModel(keras.Model):
         x, y = _inputs_and_labels(data)
         embeddings = self(x, training=False)
         rows = self._replica_rows(y)
+        if getattr(self, "centres", None) is not None:
+            value = proxy_loss_value(self.centres, self.replicas, embeddings, y, rows)
+            stats = {name: tf.constant(0.0) for name in STATS}
+            return self._logged(metrics_vector(value, stats, finite=True))
         value, stats = loss_and_statistics(
             self.loss, self.replicas, embeddings, y, self.cross_replica_mining, rows
         )

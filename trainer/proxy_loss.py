@@ -46,3 +46,16 @@ def proxy_loss_and_gradients(
         rows=rows,
     )
     return StepResult(grads=grads, loss=block.value, stats=stats, terms=None), centre_grad
+
+
+def proxy_loss_value(centres, replicas, embeddings, labels, replica_rows=None) -> tf.Tensor:
+    """The forward half, for evaluation: the global loss of these embeddings (every
+    centre takes part, whatever the sample rate)."""
+    labels = tf.cast(class_ids(labels), tf.int32)
+    embeddings = tf.cast(embeddings, tf.float32)
+    me = tf.cast(replicas.replica_index(), tf.int32)
+    no_carrier = tf.zeros([tf.shape(embeddings)[0], 0])
+    keys, key_labels, _, _ = _gather_keys(
+        replicas, embeddings, labels, me, no_carrier, replica_rows
+    )
+    return centres.block(keys, key_labels, step=None).value

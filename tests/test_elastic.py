@@ -267,3 +267,45 @@ def test_a_commit_that_a_peer_never_reaches_saves_nothing():
     state.restore()  # what Horovod's loop does on HorovodInternalError
     assert state.step == 120
     np.testing.assert_array_equal(variable.numpy(), [1.0, 2.0])
+
+
+PROXY_LOSS = (
+    "train.loss=@ArcFaceLoss()",
+    "ArcFaceLoss.scale=16.0",
+    "ArcFaceLoss.num_classes=20",  # 20 centres: 10 a worker when two
+    "ArcFaceLoss.sample_rate=0.5",
+    "train.learning_rate=0.01",
+)
+
+
+def test_an_elastic_job_reshards_a_proxy_loss_s_centres(tmp_path):
+    """ArcFace with Partial FC: 1 worker, a second joins (it receives the whole centres
+    and takes its half), then dies (the survivor takes them all back from the commit).
+    The loss curve is one device's."""
+    hosts, discover = discovery_script(tmp_path, "localhost:1\n")
+    workdir = tmp_path / "elastic"
+    params = (*ELASTIC_JOB, *PROXY_LOSS)
+    job = start_job(
+        workdir, params, elastic_launcher(discover), HOROVODRUN_ARGS="--network-interface lo"
+    )
+    with killing_all_at_exit(job) as tree:
+        trains_on(job, workdir, 1, 3)
+        hosts.write_text("localhost:1\n127.0.0.1:1\n")
+        trains_on(job, workdir, 2, 5)
+        workers_on(tree, "127.0.0.1")[0].kill()
+        trains_on(job, workdir, 1, 5)
+        job.send_signal(signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
+    history = phases(replicas_by_step(workdir))
+    assert [count for count, _, _ in history] == [1, 2, 1], history
+    got = scalars(workdir, "train/loss")
+    assert sorted(got) == list(range(1, stopped + 1))
+    single = tmp_path / "single"
+    run_job(single, (*params, "distribute.strategy='single'", f"train.stop_after_steps={stopped}"))
+    want = scalars(single, "train/loss")
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in got)
+    print(f"{history}: largest relative loss difference from one device {worst:.1e}")
+    for step in range(1, stopped + 1):
+        np.testing.assert_allclose(got[step], want[step], rtol=1e-4, err_msg=f"step {step}")

@@ -10,7 +10,8 @@ kernels (Keras' optimizers sum gradients over replicas, which a shard must not d
 
 Checkpoints hold the whole matrix, in class order, so a job resumes on any replica
 count: the chief gathers the shards when it saves, and each replica reads back only its
-rows (a sliced restore). The file sits beside the checkpoint it belongs to.
+rows (a sliced restore). The file sits beside the checkpoint it belongs to. An elastic
+job re-shards from the whole matrices it keeps at each commit (`reshard`).
 """
 
 from __future__ import annotations
@@ -65,18 +66,51 @@ class ShardedCentres:
         self.rows_per_class = loss.rows_per_class
         self.optimizer, self.schedule, self.weight_decay = optimizer, schedule, weight_decay
         self.adam = tuple(float(v) for v in adam)  # beta_1, beta_2, epsilon
-        self.bounds = slice_bounds(num_classes, replicas.size)
+        self.restored_from = None  # the checkpoint prefix the shards were read from
+        self._build(lambda first, end: initial_centres(
+            first, end, self.rows_per_class, embedding_dim, loss.seed))  # fmt: skip
+
+    def _build(self, rows_of) -> None:
+        """One shard per local replica for the current replica count, its centres
+        `rows_of(first_class, end_class)`. Plain variables on each replica's device,
+        outside the strategy's scope: a shard is never mirrored, broadcast or summed."""
+        replicas = self.replicas
+        self.bounds = slice_bounds(self.num_classes, replicas.size)
         self.shards = []
-        # Plain variables on each local replica's device, outside the strategy's scope:
-        # a shard is never mirrored, broadcast or summed.
         with tf.init_scope():
             for index, device in enumerate(replicas.local_devices()):
                 first, end = self.bounds[replicas.first_local_replica + index]
                 with tf.device(device) if device else contextlib.nullcontext():
-                    values = initial_centres(
-                        first, end, self.rows_per_class, embedding_dim, loss.seed
+                    self.shards.append(
+                        _Shard(rows_of(first, end), self.optimizer, f"replica_{index}")
                     )
-                    self.shards.append(_Shard(values, optimizer, f"replica_{index}"))
+
+    def reshard(self, whole: dict) -> None:
+        """New shards for the current replica count from the whole matrices (`whole()`
+        or `gathered()` plus "iterations"): an elastic job whose workers changed."""
+        k = self.rows_per_class
+        self._build(lambda first, end: whole["centres"][first * k : end * k])
+        for index, shard in enumerate(self.shards):
+            first, end = self.bounds[self.replicas.first_local_replica + index]
+            for name, slot in shard.slots.items():
+                slot.assign(whole[name][first * k : end * k])
+            shard.iterations.assign(int(whole["iterations"]))
+
+    def whole(self) -> dict:
+        """The whole matrices in host memory without a collective: as restored from the
+        checkpoint, or as initialized (the same on every worker)."""
+        shape = (self.num_classes * self.rows_per_class, self.embedding_dim)
+        if self.restored_from is not None:
+            reader = tf.train.load_checkpoint(self.restored_from)
+            names = [n for n in SAVED if n == "centres" or n in self.shards[0].slots]
+            return {
+                **{n: reader.get_tensor(n) for n in names},
+                "iterations": int(reader.get_tensor("iterations")),
+            }
+        centres = initial_centres(0, self.num_classes, self.rows_per_class,
+                                  self.embedding_dim, self.loss.seed).numpy()  # fmt: skip
+        slots = {n: np.zeros(shape, np.float32) for n in self.shards[0].slots}
+        return {"centres": centres, **slots, "iterations": 0}
 
     # --- inside a step --------------------------------------------------------------
     def _local(self) -> tuple[_Shard, int, int]:
@@ -214,6 +248,7 @@ class ShardedCentres:
                 )
                 target.assign(value)
             shard.iterations.assign(iterations)
+        self.restored_from = prefix
 
     @staticmethod
     def forget(directory: str, keep_steps) -> None:

@@ -30,9 +30,14 @@ class TrainingState(ObjectState):
     Keras state expects Keras 2 optimizers; this one syncs through `Replicas`.
     """
 
-    def __init__(self, replicas, variables, step: int):
+    def __init__(self, replicas, variables, step: int, centres=None):
         self._replicas, self._variables = replicas, list(variables)
         self._values = self._read()
+        # A proxy loss's centres are sharded by worker: the whole matrices are kept at
+        # each commit (host memory, every worker), so that any new set of workers can
+        # re-shard them (trainer/class_centres.py).
+        self._centres = centres
+        self._whole_centres = centres.whole() if centres is not None else None
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, step=step)
 
     def _read(self) -> list[np.ndarray]:
@@ -48,6 +53,10 @@ class TrainingState(ObjectState):
         super().commit()
 
     def save(self) -> None:
+        if self._centres is not None:  # first: a collective that may fail changes nothing
+            whole = self._centres.gathered()
+            whole["iterations"] = int(self._centres.shards[0].iterations.numpy())
+            self._whole_centres = whole
         self._values = self._read()
         super().save()
 
@@ -55,13 +64,27 @@ class TrainingState(ObjectState):
         """Back to the last commit: the steps after it are trained again."""
         for variable, value in zip(self._variables, self._values, strict=True):
             variable.assign(value)
-        super().restore()
+        super().restore()  # the centres: re-sharded from the commit in `sync`
+
+    def reset(self) -> None:
+        """After the workers changed (Horovod skips `sync` when some only left): the
+        centres re-sharded over the new workers from the last commit."""
+        if self._centres is not None:
+            self._centres.reshard(self._whole_centres)
 
     def sync(self) -> None:
         """Everyone takes the chief's state (a worker that joined has only its own)."""
         with _peer_failures_as_horovod_errors():
             self._replicas.broadcast_variables(self._variables)
             self._values = self._read()
+            if self._centres is not None:
+                whole = self._whole_centres
+                whole = {
+                    name: hvd.broadcast(tf.constant(value), root_rank=0).numpy()
+                    for name, value in whole.items()
+                }
+                self._whole_centres = whole
+                self._centres.reshard(whole)  # this worker's rows of the new layout
             super().sync()
 
 

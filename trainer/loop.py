@@ -90,7 +90,7 @@ def train(
     _check_settings(settings, replicas)
     started = time.time()
     loss = loss if loss is not None else TripletSemiHardLoss(margin=0.2, distance="cosine")
-    _check_minable(loss, replicas, cross_replica_mining, cross_batch_memory)
+    _check_minable(loss, cross_replica_mining, cross_batch_memory)
 
     def say(*args, **kwargs):  # the chief's voice (in an elastic job the chief can change)
         if replicas.is_chief:
@@ -288,7 +288,7 @@ def _check_settings(s: dict, replicas) -> None:
     )
 
 
-def _check_minable(loss, replicas, cross_replica_mining: bool, cross_batch_memory: int) -> None:
+def _check_minable(loss, cross_replica_mining: bool, cross_batch_memory: int) -> None:
     if isinstance(loss, PROXY_LOSS_CLASSES):
         name = type(loss).__name__
         _check(
@@ -297,11 +297,6 @@ def _check_minable(loss, replicas, cross_replica_mining: bool, cross_batch_memor
             "against every replica's block of centres.",
         )
         _check(not cross_batch_memory, f"train.cross_batch_memory is for mined losses, not {name}.")
-        _check(
-            not replicas.elastic,
-            f"train.loss = {name} keeps its centres sharded over the workers, which an "
-            "elastic job cannot re-shard yet; run it without --elastic.",
-        )
         return
     _check(
         not hasattr(loss, "memory_size"),
@@ -436,7 +431,9 @@ def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
     from trainer import elastic  # imports Horovod
 
     variables = job.learner.state
-    state = elastic.TrainingState(job.replicas, variables, step=job.outputs.first_step)
+    state = elastic.TrainingState(
+        job.replicas, variables, step=job.outputs.first_step, centres=job.learner.centres
+    )
 
     def commit(step: int) -> None:
         if step % commit_every == 0:

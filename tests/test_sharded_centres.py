@@ -318,3 +318,30 @@ def test_global_mining_model_names_what_a_proxy_loss_lacks():
         model.compile(loss=losses.ArcFaceLoss())
     with pytest.raises(ValueError, match="Adam, AdamW or SGD without momentum; got RMSprop"):
         fitted_arcface(optimizer=lambda: keras.optimizers.RMSprop())
+
+
+def test_the_job_with_sharded_centres_is_one_device_s_on_every_backend(tmp_path):
+    """The same job (Partial FC included) on one device, 2 Horovod workers and 2
+    MultiWorkerMirrored workers: the loss curve and the exported centres (gathered from
+    the workers: Horovod's all-gather, MultiWorkerMirrored's padded sum)."""
+    from tests.jobs import HOROVOD_2, ROOT
+
+    multi_worker_2 = (f"{ROOT}/launch/multi_worker.sh", "local", "2")
+    params = [p for p in PROXY_JOB if not p.startswith(("train.export_model", "distribute."))]
+    runs = {
+        "single": ((), ("distribute.strategy='single'",)),
+        "horovod2": (HOROVOD_2, ("distribute.strategy='horovod'",)),
+        "multi_worker2": (multi_worker_2, ()),
+    }
+    results = {}
+    for name, (launcher, extra) in runs.items():
+        run_job(tmp_path / name, (*params, *extra), launcher)
+        loss = scalars(tmp_path / name, "train/loss")
+        results[name] = (
+            [loss[s] for s in sorted(loss)],
+            np.load(tmp_path / name / "class_centres.npy"),
+        )
+    want_loss, want_centres = results.pop("single")
+    for name, (loss, centres) in results.items():
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(centres, want_centres, rtol=1e-4, atol=1e-6, err_msg=name)

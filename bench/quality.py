@@ -45,6 +45,24 @@ CASES = {
         "train.loss=@MultiSimilarityLoss()",
         "train.cross_batch_memory=1024",
     ),
+    # Proxy losses (their centres sharded in the trainer; one device here), PML defaults.
+    "ProxyAnchorLoss": ("train.loss=@ProxyAnchorLoss()",),
+    "ProxyNCALoss": ("train.loss=@ProxyNCALoss()",),
+    "ArcFaceLoss": ("train.loss=@ArcFaceLoss()",),
+    "CosFaceLoss": ("train.loss=@CosFaceLoss()",),
+    "SubCenterArcFaceLoss": ("train.loss=@SubCenterArcFaceLoss()",),
+    "ProxyAnchorLoss, centres at 100x": (
+        "train.loss=@ProxyAnchorLoss()",
+        "train.centre_learning_rate_multiplier=100",
+    ),
+    "ArcFaceLoss, centres at 100x": (
+        "train.loss=@ArcFaceLoss()",
+        "train.centre_learning_rate_multiplier=100",
+    ),
+    "ArcFaceLoss, centres at 10x": (
+        "train.loss=@ArcFaceLoss()",
+        "train.centre_learning_rate_multiplier=10",
+    ),
 }
 
 

@@ -145,7 +145,7 @@ def job_row(model, training, evaluation, steps, **settings) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--only", default="pixels,small,mobilenet")
+    parser.add_argument("--only", default="pixels,small,mobilenet,proxies")
     args = parser.parse_args()
     only = set(args.only.split(","))
     ensure_installed()
@@ -165,6 +165,20 @@ def main() -> None:
             rows[f"small_convnet(28, {widths}, gray)"] = job_row(
                 lambda widths=widths: small_convnet(image_size=28, widths=widths, channels=1),
                 training, evaluation, args.steps,
+            )  # fmt: skip
+    if "proxies" in only:
+        import losses
+
+        proxy_losses = {
+            "semi-hard triplets (the default)": (None, 1.0),
+            "ProxyAnchorLoss, centres at 100x": (losses.ProxyAnchorLoss(), 100.0),
+            "ArcFaceLoss, centres at 100x": (losses.ArcFaceLoss(), 100.0),
+        }
+        for name, (loss, multiplier) in proxy_losses.items():
+            rows[f"small_convnet(28, (64,), gray), {name}"] = job_row(
+                lambda: small_convnet(image_size=28, widths=(64,), channels=1),
+                training, evaluation, args.steps, loss=loss,
+                centre_learning_rate_multiplier=multiplier,
             )  # fmt: skip
     if "mobilenet" in only:
         rgb_training = (to_rgb32(training[0]), training[1])

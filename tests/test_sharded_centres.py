@@ -345,3 +345,26 @@ def test_the_job_with_sharded_centres_is_one_device_s_on_every_backend(tmp_path)
     for name, (loss, centres) in results.items():
         np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(centres, want_centres, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_the_centres_learn_at_their_own_rate(tmp_path):
+    """Adam's first steps move each coordinate by about the rate: 100 × the rate moves
+    the centres about 100 × as far; a rate multiplier of 0 is refused by name."""
+    params = [p for p in PROXY_JOB if not p.startswith(("train.export_model", "distribute.",
+                                                         "train.steps"))]  # fmt: skip
+    params += [
+        "distribute.strategy='single'",
+        "train.steps=2",
+        "learning_rate_schedule.warmup_steps=0",
+    ]
+    moved = {}
+    for multiplier in (1, 100):
+        workdir = tmp_path / f"x{multiplier}"
+        run_job(workdir, (*params, f"train.centre_learning_rate_multiplier={multiplier}"))
+        start = proxies.initial_centres(0, 20, 1, 256, seed=0).numpy()
+        moved[multiplier] = np.abs(np.load(workdir / "class_centres.npy") - start).mean()
+    assert 50 < moved[100] / moved[1] < 150, moved
+    done = run_job(tmp_path / "zero", (*params, "train.centre_learning_rate_multiplier=0"),
+                   check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert "train.centre_learning_rate_multiplier must be > 0, got 0" in done.stderr

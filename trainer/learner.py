@@ -85,6 +85,7 @@ def build_learner(
     cross_batch_memory: int = 0,
     jit_compile_model: bool = False,
     num_classes: int | None = None,
+    centre_learning_rate_multiplier: float = 1.0,
 ) -> Learner:
     """`model()` under `precision`, seeded, with the named optimizer on the warm-up/cosine
     schedule. `nonfinite='skip'` wraps the optimizer in a loss-scale optimizer of scale 1,
@@ -118,14 +119,21 @@ def build_learner(
             memory = KeyMemory(cross_batch_memory, width)
     centres = None
     if isinstance(loss, PROXY_LOSS_CLASSES):
+        multiplier = centre_learning_rate_multiplier
+
+        def centre_schedule(step):
+            return schedule(step) * multiplier
+
         centres = _sharded_centres(
-            loss, replicas, embedding_model, num_classes, optimizer, schedule, weight_decay
-        )
+            loss, replicas, embedding_model, num_classes, optimizer, centre_schedule,
+            weight_decay,
+        )  # fmt: skip
         say(
             f"class centres: {loss.num_classes:,} classes × {loss.rows_per_class} × "
             f"{centres.embedding_dim}, {centres.local_bytes() / 2**20:,.1f} MiB with their "
             f"optimizer slots on this process ({replicas.size} shards"
             + (f", Partial FC sample rate {loss.sample_rate}" if loss.sample_rate < 1 else "")
+            + (f", learning rate × {multiplier:g}" if multiplier != 1 else "")
             + ")"
         )
     step_fn = TrainStep(

@@ -68,6 +68,7 @@ def train(
     elastic_commit_every: int = 10,
     jit_compile_model: bool = False,
     precise_batchnorm_batches: int = 50,
+    centre_learning_rate_multiplier: float = 1.0,
     assembled=None,
 ) -> dict:
     """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
@@ -83,7 +84,8 @@ def train(
     (the entry point refuses --gin_param bindings that nothing read). A model with
     training BatchNorm layers has their population statistics recomputed over
     `precise_batchnorm_batches` training batches before each evaluation (0: off; see
-    trainer/batchnorm.py).
+    trainer/batchnorm.py). A proxy loss's class centres learn at
+    `centre_learning_rate_multiplier` × the model's rate (Proxy-Anchor's authors use 100).
     """
     settings = dict(locals())
     _check_types(train, settings)
@@ -124,6 +126,7 @@ def train(
         cross_batch_memory,
         jit_compile_model,
         num_classes=int(np.max(data.train_source.labels)) + 1 if len(data.train_source) else None,
+        centre_learning_rate_multiplier=centre_learning_rate_multiplier,
     )
     if assembled is not None:
         assembled()  # every configurable has been built: nothing more will read a binding
@@ -245,6 +248,8 @@ def _check_settings(s: dict, replicas) -> None:
         if s[name] is not None:
             _check(s[name] >= 1, f"train.{name} must be >= 1, got {s[name]}.")
     _check(s["learning_rate"] > 0, f"train.learning_rate must be > 0, got {s['learning_rate']}.")
+    multiplier = s["centre_learning_rate_multiplier"]
+    _check(multiplier > 0, f"train.centre_learning_rate_multiplier must be > 0, got {multiplier}.")
     _check(s["weight_decay"] >= 0, f"train.weight_decay must be >= 0, got {s['weight_decay']}.")
     _check(
         s["progress_seconds"] >= 0,

@@ -206,39 +206,59 @@ def substitutes(labels) -> np.ndarray:
     return result
 
 
-def _decoded(source: Source, rows: tf.data.Dataset, size, prepare) -> tf.data.Dataset:
-    """The `size` (index, *args) rows of one batch -> one batch (positions, images),
-    decoded in parallel, in order; a row whose image fails to decode is left out (files
-    and records; pixels cannot fail). `_every_row` puts the batch back together."""
-    prepared = tf.data.Dataset.zip(tf.data.Dataset.range(size), rows).map(
-        lambda position, row: (position, prepare(*row)), num_parallel_calls=AUTOTUNE
+def _decoded(source: Source, keys, rows: tf.data.Dataset, size, prepare) -> tf.data.Dataset:
+    """The `size` rows of one batch, (key, *args) -> exactly one batch (keys, images),
+    decoded in parallel, in order. A row whose image fails to decode is left out (files
+    and records; pixels cannot fail), and a batch whose every row failed is an empty
+    batch, never a missing one. `keys` identify the rows (the global row of a training
+    step, the example of an evaluation batch): `_every_row` matches them, not positions.
+    """
+    prepared = tf.data.Dataset.zip(keys, rows).map(
+        lambda key, row: (key, prepare(*row)), num_parallel_calls=AUTOTUNE
     )
-    if source.kind != "pixels":
-        prepared = prepared.ignore_errors()
-    return prepared.batch(size)
+    if source.kind == "pixels":
+        return prepared.batch(size)
+    key_spec, image_spec = prepared.ignore_errors().element_spec
+    nothing = tf.data.Dataset.from_tensors(
+        (
+            tf.zeros([0], key_spec.dtype),
+            tf.zeros([0, *[d or 0 for d in image_spec.shape]], image_spec.dtype),
+        )
+    )
+    return prepared.ignore_errors().batch(size).concatenate(nothing).take(1)
 
 
 def _every_row(batches, expected, source: Source, prepare):
     """Yields (images, labels, ok) with every expected row of each batch.
 
-    `batches` gives (positions, images) with failed rows left out; `expected` gives, per
-    batch, the (indices, *args) of every row. A missing row (its image became unreadable
-    after the start-up check) is filled here, eagerly, with its substitute
-    (`substitutes`), or zeros if that fails too, and marked False in `ok`: no replica is
-    ever a row short. The normal path costs nothing but the check.
+    `batches` gives (keys, images) with failed rows left out; `expected` gives, per
+    batch, the (keys, indices, *args) of every row, keys in order. Rows are placed by
+    their keys: a batch holding a row of another batch is an error, never a silent
+    shift of labels. A missing row (its image became unreadable after the start-up
+    check) is filled here, eagerly, with its substitute (`substitutes`), or zeros if
+    that fails too, and marked False in `ok`: no replica is ever a row short. The
+    normal path costs nothing but the check.
     """
     substitute_of = None
-    for (positions, images), (indices, *args) in zip(batches, expected, strict=True):
+    for (keys, images), (expected_keys, indices, *args) in zip(batches, expected, strict=True):
         labels = tf.constant(source.labels[indices])
+        positions = keys.numpy() - expected_keys[0]
+        inside = (positions >= 0) & (positions < len(expected_keys))
+        if not inside.all() or np.any(expected_keys[positions[inside]] != keys.numpy()):
+            raise RuntimeError(
+                f"the input pipeline gave rows {keys.numpy()[:5].tolist()}... for the batch of "
+                f"rows {expected_keys[0]}..{expected_keys[-1]}: its batches are out of order"
+            )
         ok = np.zeros(len(indices), bool)
-        ok[positions.numpy()] = True
+        ok[positions] = True
         if ok.all():
             yield images, labels, ok
             continue
         if substitute_of is None:
             substitute_of = substitutes(source.labels)
         full = np.zeros((len(indices), *images.shape[1:]), images.dtype.as_numpy_dtype)
-        full[ok] = images.numpy()
+        if len(positions):
+            full[positions] = images.numpy()
         for row in np.flatnonzero(~ok):
             try:
                 full[row] = prepare(
@@ -299,6 +319,7 @@ def train_batches(
             lambda s: rows_of(int(s)), [step], (tf.int64, tf.int64), stateful=False
         )
         picked, global_rows = tf.reshape(picked, [end - start]), tf.reshape(global_rows, [-1])
+        keys = tf.data.Dataset.from_tensor_slices(global_rows)
         if from_bytes and source.kind == "record":
             serialized = tf.numpy_function(
                 lambda indices: _read_records(source, indices),
@@ -308,9 +329,9 @@ def train_batches(
             )
             serialized.set_shape([end - start])
             rows = tf.data.Dataset.from_tensor_slices((serialized, global_rows))
-            return _decoded(source, rows, end - start, prepare_record)
+            return _decoded(source, keys, rows, end - start, prepare_record)
         rows = tf.data.Dataset.from_tensor_slices((picked, global_rows))
-        return _decoded(source, rows, end - start, prepare)
+        return _decoded(source, keys, rows, end - start, prepare)
 
     batches = (
         tf.data.Dataset.range(first_step, last_step)
@@ -322,7 +343,12 @@ def train_batches(
         )
         .prefetch(AUTOTUNE)
     )
-    expected = (rows_of(step) for step in range(first_step, last_step))
+
+    def expected_rows(step):
+        indices, global_rows = rows_of(step)
+        return global_rows, indices, global_rows
+
+    expected = (expected_rows(step) for step in range(first_step, last_step))
     return _every_row(batches, expected, source, prepare)
 
 
@@ -335,15 +361,15 @@ def eval_batches(source: Source, rows: list[tuple[int, int]], preprocessing=None
         return preprocessing.eval(load(index))
 
     def chunk(bounds):
-        indices = tf.data.Dataset.range(bounds[0], bounds[1]).map(lambda i: (i,))
-        return _decoded(source, indices, bounds[1] - bounds[0], prepare)
+        keys = tf.data.Dataset.range(bounds[0], bounds[1])
+        return _decoded(source, keys, keys.map(lambda i: (i,)), bounds[1] - bounds[0], prepare)
 
     batches = (
         tf.data.Dataset.from_tensor_slices(tf.constant(rows, tf.int64))
         .interleave(chunk, cycle_length=2, num_parallel_calls=2, deterministic=True)
         .prefetch(AUTOTUNE)
     )
-    expected = ((np.arange(first, last),) for first, last in rows)
+    expected = ((np.arange(first, last), np.arange(first, last)) for first, last in rows)
     return _every_row(batches, expected, source, prepare)
 
 

@@ -324,3 +324,93 @@ def test_the_projector_export_keeps_an_even_sample_of_a_large_eval_set(tmp_path)
     assert written.shape == (10, 2) and written[0, 0] == 0 and written[-1, 0] == 48
     metadata = open(os.path.join(folder, "metadata.tsv")).read().splitlines()[1:]
     assert metadata == [f"{int(x) // 2 % 5}\t{'abcde'[int(x) // 2 % 5]}" for x in written[:, 0]]
+
+
+def _break_class(root, label: str) -> list:
+    """Every image of class `label` unreadable, with the same size and time (the start-up
+    check's cached verdict still holds)."""
+    broken = []
+    for path in sorted((root / label).iterdir()):
+        stat = path.stat()
+        path.write_bytes(b"x" * stat.st_size)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        broken.append(str(path))
+    return broken
+
+
+@pytest.mark.parametrize("rows", [(0, 4), (0, 8)])
+def test_a_slice_with_no_readable_row_keeps_every_later_label_and_image_in_place(tmp_path, rows):
+    """Classes 0 and 1 break after the check. A process's slice of some steps (the first
+    class of the step on (0, 4); both classes on (0, 8)) then has no readable row: that
+    step is substituted and flagged, and every other row has its own image and label."""
+    root = _folder(tmp_path / "images", classes=4, per_class=4)
+    source, _ = verify_images(image_folder(str(root)))
+    prep = ImagePreprocessing(size=8, augment=False)
+    sampler = PKSampler(source.labels, 2, 4, seed=1)
+    start, end = rows
+    want = {}  # the rows' images before anything breaks
+    for step, (images, _, ok) in enumerate(train_batches(source, sampler, rows, 0, 12, prep)):
+        assert ok.all()
+        want[step] = images.numpy()
+    _break_class(root, "0")
+    _break_class(root, "1")
+    broken_labels = {0, 1}
+    emptied = 0
+    got = list(train_batches(source, sampler, rows, 0, 12, prep))
+    assert len(got) == 12
+    for step, (images, labels, ok) in enumerate(got):
+        expected = source.labels[sampler.global_batch(step)[start:end]]
+        np.testing.assert_array_equal(labels, expected, err_msg=f"step {step}")
+        np.testing.assert_array_equal(ok, ~np.isin(expected, list(broken_labels)))
+        np.testing.assert_array_equal(images.numpy()[ok], want[step][ok], err_msg=f"step {step}")
+        emptied += not ok.any()
+    assert emptied >= 1  # steps whose whole slice was unreadable happened, and were kept
+
+
+@pytest.mark.parametrize("backend", ["horovod2", "mirrored4"])
+def test_a_job_whose_slice_has_no_readable_row_goes_on_with_its_labels(tmp_path, backend):
+    """Classes 0 and 1 break after the start-up check: on 2 Horovod workers the first
+    worker's whole slice of some steps is unreadable, on 4 mirrored replicas (one process)
+    the whole batch of some. The job reports exactly the steps whose global batch holds
+    a broken class, and trains to the end."""
+    import re
+
+    from data.sampler import PKSampler
+    from tests.jobs import HOROVOD_2, run_job
+
+    root = _folder(tmp_path / "images", classes=4, per_class=4)
+    launcher, extra = {
+        "horovod2": (HOROVOD_2, ("distribute.strategy='horovod'",)),
+        "mirrored4": ((), ("distribute.strategy='mirrored'", "distribute.cpu_replicas=4")),
+    }[backend]
+    params = (
+        "train.model=@small_convnet",
+        "small_convnet.image_size=28",
+        "small_convnet.widths=(8,)",
+        "images.size=28",
+        "train.global_batch_size=8",
+        "train.examples_per_class=4",
+        "train.steps=12",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        "train.export_model=False",
+        "verify_images.on_corrupt='skip'",
+        "train.train_data=@train_split/image_folder",
+        "train.eval_data=@eval_split/image_folder",
+        f"train_split/image_folder.root='{root}'",
+        f"eval_split/image_folder.root='{root}'",
+        *extra,
+    )
+    workdir = tmp_path / "job"
+    run_job(workdir, (*params, "train.stop_after_steps=1"), launcher, timeout=600)
+    _break_class(root, "0")
+    _break_class(root, "1")
+    done = run_job(workdir, params, launcher, timeout=600)
+    reported = {int(s) for s in re.findall(r"step (\d+): unreadable image\(s\)", done.stdout)}
+    labels = image_folder(str(root)).labels
+    sampler = PKSampler(labels, 2, 4, seed=0)
+    expected = {
+        s for s in range(2, 13) if np.isin(labels[sampler.global_batch(s - 1)], [0, 1]).any()
+    }
+    assert reported == expected, done.stdout[-3000:]
+    assert "done in" in done.stdout

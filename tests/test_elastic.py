@@ -216,7 +216,7 @@ def test_an_elastic_job_splits_a_batch_that_its_workers_do_not_divide(tmp_path):
     "binding, message",
     [
         ("train.stepz=5", "doesn't have a parameter named 'stepz'"),  # before Horovod starts
-        ("train.scale_learning_rate=True", "cannot be used in an elastic job"),  # after
+        ("train.learning_rate=0", "train.learning_rate must be > 0, got 0"),  # after
     ],
 )
 def test_a_mistake_in_an_elastic_job_is_one_message_and_status_2(tmp_path, binding, message):

@@ -400,3 +400,23 @@ def test_the_sop_config_trains_on_its_listings(tmp_path):
     )
     results = json.loads((workdir / "results.json").read_text())
     assert set(results) == {"recall@1", "recall@10", "map@r"}
+
+
+def test_learning_rate_scaling_follows_the_global_batch_not_the_replica_count(tmp_path):
+    """train.scale_learning_rate: rate × global batch / train.reference_batch_size, the
+    same on 1 and 4 replicas (it used to multiply by the replica count)."""
+    scaled = (*SHORT_JOB, "train.scale_learning_rate=True", "train.reference_batch_size=256")
+    runs = {
+        "plain": (*SHORT_JOB, "distribute.strategy='single'"),
+        "single": (*scaled, "distribute.strategy='single'"),
+        "mirrored4": (*scaled, *BACKENDS["mirrored4"][1]),
+    }
+    rates, losses = {}, {}
+    for name, params in runs.items():
+        run_job(tmp_path / name, params)
+        rates[name] = series(tmp_path / name, "train/learning_rate")
+        losses[name] = series(tmp_path / name, "train/loss")
+    np.testing.assert_allclose(rates["single"], rates["plain"] * 64 / 256, rtol=1e-6)
+    np.testing.assert_allclose(rates["mirrored4"], rates["single"], rtol=1e-6)
+    np.testing.assert_allclose(losses["mirrored4"], losses["single"], rtol=1e-4)
+    assert np.abs(losses["single"] - losses["plain"]).max() > 1e-5  # the rate took effect

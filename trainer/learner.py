@@ -75,7 +75,6 @@ def build_learner(
     optimizer: str,
     learning_rate: float,
     weight_decay: float,
-    scale_learning_rate: bool,
     precision: str | None,
     synchronized_batchnorm: bool,
     nonfinite: str,
@@ -96,12 +95,11 @@ def build_learner(
     unless the loss sets it, the width of the model's embeddings."""
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(seed)
-    base_rate = learning_rate * (replicas.size if scale_learning_rate else 1)
     with replicas.scope():
         embedding_model = model()
         if synchronized_batchnorm or getattr(embedding_model, "synchronized_batchnorm", False):
             say(f"synchronized BatchNorm in {sync_batchnorm(embedding_model, replicas)} layers")
-        schedule = learning_rate_schedule(base_rate, steps)
+        schedule = learning_rate_schedule(learning_rate, steps)
         opt = OPTIMIZERS[optimizer](
             learning_rate=schedule,
             **({"weight_decay": weight_decay} if weight_decay else {}),

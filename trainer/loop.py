@@ -56,6 +56,7 @@ def train(
     learning_rate: float = 1e-4,
     weight_decay: float = 0.0,
     scale_learning_rate: bool = False,
+    reference_batch_size: int = 256,
     precision: str | None = None,
     synchronized_batchnorm: bool = False,
     recall_k: int = 4,
@@ -114,9 +115,8 @@ def train(
         loss,
         cross_replica_mining,
         optimizer,
-        learning_rate,
+        _base_rate(learning_rate, scale_learning_rate, global_batch_size, reference_batch_size),
         weight_decay,
-        scale_learning_rate,
         precision,
         synchronized_batchnorm,
         nonfinite,
@@ -239,6 +239,7 @@ _AT_LEAST_ONE = (
     "eval_chunk_size",
     "keep_checkpoints",
     "stop_after_steps",
+    "reference_batch_size",
 )
 
 
@@ -257,11 +258,6 @@ def _check_settings(s: dict, replicas) -> None:
     )
     if not replicas.elastic:  # an elastic job takes the worker counts it gets (see below)
         _check_divides(s["global_batch_size"], replicas.size)
-    _check(
-        not (s["scale_learning_rate"] and replicas.elastic),
-        "train.scale_learning_rate=True cannot be used in an elastic job, whose replica "
-        "count changes; set train.learning_rate for the global batch instead.",
-    )
     _check(
         s["global_batch_size"] % s["examples_per_class"] == 0,
         f"train.global_batch_size={s['global_batch_size']} is not a multiple of "
@@ -316,6 +312,13 @@ def _check_minable(loss, cross_replica_mining: bool, cross_batch_memory: int) ->
         + ", ".join(MINED_LOSSES)
         + ".",
     )
+
+
+def _base_rate(rate: float, scale: bool, global_batch_size: int, reference: int) -> float:
+    """train.learning_rate, or with train.scale_learning_rate the linear scaling rule:
+    the rate × global batch / train.reference_batch_size. It depends on the global batch
+    alone, never on the replica count (replica-count invariance)."""
+    return rate * global_batch_size / reference if scale else rate
 
 
 def _check_divides(global_batch_size: int, num_replicas: int) -> None:

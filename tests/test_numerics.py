@@ -185,3 +185,38 @@ def test_the_next_batch_goes_to_the_devices_before_the_loop_waits_on_a_step(tmp_
     assert " ".join(events) == ("stage step stage read step stage read step stage step read"), (
         events
     )
+
+
+@pytest.mark.parametrize("precision", [None, "mixed_float16"])
+@pytest.mark.parametrize("count", [1, 2])
+def test_skip_mode_recovers_after_a_long_run_of_bad_steps(precision, count):
+    """200 steps of NaN data, then 50 good ones: every bad step is left out, every good
+    one applies. (A loss scale halved at each skip would be 2^-185: 0 in float32, and
+    every later step skipped.) float32 skips by the global verdict, with no scale;
+    mixed_float16 keeps Keras' dynamic scale, floored at 1."""
+    from tests.cross_replica_case import build_model
+    from trainer.learner import build_learner
+
+    replicas = Replicas() if count == 1 else mirrored(count)
+    learner = build_learner(
+        replicas, build_model, losses.TripletSemiHardLoss(margin=0.5), True, "adam", 1e-3,
+        0.0, precision, False, "skip", 250, 0, lambda *a, **k: None,
+    )  # fmt: skip
+    try:
+        x, labels = global_batch()
+        bad = np.full_like(x, np.nan)
+        finite = [learner.step_fn(bad, labels)["finite_gradients"] for _ in range(200)]
+        assert finite == [0.0] * 200
+        before = [w.copy() for w in learner.model.get_weights()]
+        applied = [learner.step_fn(x, labels)["finite_gradients"] for _ in range(50)]
+        after = learner.model.get_weights()
+        assert np.abs(after[0] - before[0]).max() > 1e-4  # the first kernel trained
+        assert int(learner.optimizer.iterations.numpy()) == sum(applied)
+        if precision:
+            # The 200 bad steps halved the scale down to its floor, 1; good steps apply.
+            assert applied == [1.0] * 50, applied
+            assert float(learner.optimizer.dynamic_scale.numpy()) == 1.0
+        else:
+            assert applied == [1.0] * 50
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

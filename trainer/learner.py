@@ -67,6 +67,17 @@ class Learner:
         return [*self.model.variables, *self.optimizer.variables, *memory]
 
 
+class FlooredLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' dynamic loss scaling (halved at a non-finite step, doubled after 2,000 good
+    ones) with the scale never below 1. Bad data (NaN inputs) is not an overflow, yet
+    halves the scale too: ~165 such steps would take it to 0 in float32, and every later
+    step would be skipped."""
+
+    def _stateful_handle_non_finite_grads(self):  # Keras' hook for a skipped step
+        self.step_counter.assign(0)
+        self.dynamic_scale.assign(keras.ops.maximum(self.dynamic_scale * 0.5, 1.0))
+
+
 def build_learner(
     replicas,
     model,
@@ -105,12 +116,9 @@ def build_learner(
             **({"weight_decay": weight_decay} if weight_decay else {}),
         )
         if precision == "mixed_float16":
-            opt = keras.optimizers.LossScaleOptimizer(opt)
-        elif nonfinite == "skip":
-            # The scale stays a power of two (exact in float32) and never grows.
-            opt = keras.optimizers.LossScaleOptimizer(
-                opt, initial_scale=1.0, dynamic_growth_steps=2**31 - 1
-            )
+            # Skipping without float16 needs no scale: the step's global finite verdict
+            # leaves a bad step out (train_step.replica_step).
+            opt = FlooredLossScaleOptimizer(opt)
         memory = None
         if cross_batch_memory:
             width = _embedding_width(embedding_model, "train.cross_batch_memory")
@@ -136,7 +144,7 @@ def build_learner(
         )
     step_fn = TrainStep(
         embedding_model, opt, loss, replicas, cross_replica_mining, memory, jit_compile_model,
-        centres,
+        centres, skip_nonfinite=nonfinite == "skip",
     )  # fmt: skip
     return Learner(embedding_model, opt, schedule, step_fn, centres)
 

@@ -545,9 +545,10 @@ def _unreadable_in_step(job: _Job, step: int) -> None:
 def _check_finite(job: _Job, metrics: dict, step: int) -> int:
     """1 if the step was skipped for non-finite values, 0 if fine; raises to stop the run.
 
-    A loss-scale optimizer (mixed_float16, or train.nonfinite='skip') has already left
-    such a step out on every replica; otherwise the weights are now bad, so the run
-    stops before they can be checkpointed.
+    The step's update was gated by the global finite verdict, so no weight took a NaN.
+    With train.nonfinite='skip' it is counted; a loss-scale optimizer's (mixed_float16)
+    overflow of the gradients alone is counted too, as it lowers its scale; anything else
+    stops the run before saving.
     """
     finite_loss = np.isfinite(metrics["loss"])
     if finite_loss and metrics["finite_gradients"]:

@@ -147,6 +147,7 @@ class TrainStep:
         memory=None,
         jit_compile_model: bool = False,
         centres=None,
+        skip_nonfinite: bool = False,
     ):
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.centres = centres  # trainer.class_centres.ShardedCentres of a proxy loss
@@ -157,8 +158,11 @@ class TrainStep:
         with replicas.scope():
             optimizer.build(model.trainable_variables)
         self.retrace()
-        # A loss-scale optimizer leaves non-finite steps out.
-        self.skips_nonfinite = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        # Steps with a non-finite loss or gradient are left out (the global verdict gates
+        # the update) and counted: train.nonfinite='skip', or a loss-scale optimizer's
+        # overflows, which it answers by halving its scale.
+        scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.skips_nonfinite = skip_nonfinite or scaled
         self.last_distances = {}
 
     def retrace(self) -> None:

@@ -420,3 +420,48 @@ def test_learning_rate_scaling_follows_the_global_batch_not_the_replica_count(tm
     np.testing.assert_allclose(rates["mirrored4"], rates["single"], rtol=1e-6)
     np.testing.assert_allclose(losses["mirrored4"], losses["single"], rtol=1e-4)
     assert np.abs(losses["single"] - losses["plain"]).max() > 1e-5  # the rate took effect
+
+
+def test_multi_worker_resumes_from_the_chief_s_checkpoint_without_a_shared_disk(tmp_path):
+    """2 MultiWorkerMirrored workers, each with its own workdir; only the chief's holds
+    the checkpoint of step 3. The other worker takes the chief's step, weights and
+    optimizer, and the loss curve is that of a resume on a shared disk."""
+    import shutil
+    import socket
+    import subprocess
+
+    from tests.jobs import job_command, job_env
+
+    params = (*SHORT_JOB, "train.checkpoint_every=3")
+    shared = tmp_path / "shared"
+    run_job(shared, (*params, "train.stop_after_steps=3"), MULTI_WORKER_2)
+    chief_disk, other_disk = tmp_path / "chief", tmp_path / "other"
+    shutil.copytree(shared, chief_disk)
+    run_job(shared, params, MULTI_WORKER_2)  # the shared-disk resume
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            ports.append(s.getsockname()[1])
+    hosts = ",".join(f"localhost:{p}" for p in ports)
+    launcher = os.path.join(ROOT, "launch", "multi_worker.sh")
+    workers = [
+        subprocess.Popen(
+            job_command(workdir, params, (launcher, hosts, str(index))),
+            cwd=ROOT,
+            env=job_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for index, workdir in enumerate((chief_disk, other_disk))
+    ]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (stdout, stderr) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "resumed from" in outputs[0][0]
+    got, want = scalars(chief_disk, "train/loss"), scalars(shared, "train/loss")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in range(4, 7)], [want[s] for s in range(4, 7)],
+                               rtol=1e-6)  # fmt: skip

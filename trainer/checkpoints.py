@@ -1,8 +1,10 @@
 """Checkpoints of the model, optimizer and step (the sampler's position), via CheckpointManager.
 
 Only the chief writes. On start every worker restores the latest checkpoint it can see,
-then the chief's values are broadcast to all (`Replicas.broadcast_variables`), so
-workers without the shared workdir still resume with the same weights. TensorFlow
+then the chief's values are broadcast to all (`Replicas.broadcast_variables`: Horovod's
+broadcast, MultiWorkerMirrored's host all-reduce), so workers without the shared
+workdir still resume with the same weights. A proxy loss's sharded centres are read by
+every worker from the checkpoint (trainer/class_centres.py). TensorFlow
 writes a checkpoint's files first and the `checkpoint` index last (atomically), so a
 run killed mid-save resumes from the previous complete checkpoint.
 """

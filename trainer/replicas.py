@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import os
+import pickle
 
 import gin
 import keras
@@ -208,6 +209,31 @@ class MirroredReplicas(Replicas):
 
     def scope(self):
         return self.strategy.scope()
+
+    def broadcast_variables(self, variables) -> None:
+        """MultiWorkerMirrored: each worker restored what its own disk holds; the
+        chief's values reach all (one host all-reduce of the chief's values and the
+        others' zeros; exact, float64 holds every float32 and int32). One process: its
+        replicas are mirrored already."""
+        if self.processes == 1 or not variables:
+            return
+        values = [np.asarray(v.numpy()) for v in variables]
+        flat = np.concatenate([np.ravel(v).astype(np.float64) for v in values])
+        summed = self.sum_over_processes(flat if self.is_chief else np.zeros_like(flat))
+        start = 0
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(
+                summed[start : start + value.size].reshape(value.shape).astype(value.dtype)
+            )
+            start += value.size
+
+    def agree(self, value):
+        if self.processes == 1:
+            return value
+        data = np.frombuffer(pickle.dumps(value), np.uint8) if self.is_chief else None
+        size = int(self.sum_over_processes([len(data) if self.is_chief else 0])[0])
+        mine = data.astype(np.float64) if self.is_chief else np.zeros(size)
+        return pickle.loads(self.sum_over_processes(mine).astype(np.uint8).tobytes())
 
     def sum_over_processes(self, array) -> np.ndarray:
         array = np.asarray(array, np.float64)

@@ -14,6 +14,8 @@ disk or a shared mount); a compressed file is refused by name.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import threading
 
@@ -27,10 +29,51 @@ RECORD_OVERHEAD = 16  # 8-byte length and its 4-byte CRC before the data, a 4-by
 HEADER = 12
 
 
+class OpenFiles:
+    """Descriptors of at most `limit` files at once (data sets ship as thousands of shards,
+    past `ulimit -n`): the least recently used idle one is closed to open another. A
+    descriptor being read is never closed; while every open one is being read, the
+    limit is exceeded rather than a read made to wait."""
+
+    def __init__(self, paths, limit: int):
+        if not (isinstance(limit, int) and limit >= 1):
+            raise InputError(f"tfrecord.max_open_files must be a whole number >= 1, got {limit!r}.")
+        self.paths, self.limit = tuple(paths), limit
+        self._open = collections.OrderedDict()  # file -> [descriptor, readers now]
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def descriptor(self, f: int):
+        with self._lock:
+            entry = self._open.get(f)
+            if entry is None:
+                self._close_idle(keep=self.limit - 1)
+                entry = self._open[f] = [os.open(self.paths[f], os.O_RDONLY), 0]
+            self._open.move_to_end(f)
+            entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+
+    def _close_idle(self, keep: int) -> None:
+        idle = [f for f, (_, readers) in self._open.items() if readers == 0]  # oldest first
+        for f in idle[: max(len(self._open) - keep, 0)]:
+            os.close(self._open.pop(f)[0])
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_idle(keep=0)
+
+
 class RecordReader:
     """Reads record `i` of the indexed files by offset; `parse_image` takes out its image."""
 
-    def __init__(self, files, counts, lengths, image_key: str):
+    def __init__(self, files, counts, lengths, image_key: str, max_open_files: int = 64):
         self.files = tuple(files)
         self.file_of = np.repeat(np.arange(len(files), dtype=np.int32), counts)
         self.lengths = lengths.astype(np.int64)
@@ -41,8 +84,7 @@ class RecordReader:
         file_begins[counts > 0] = begins[self.first_record[counts > 0]]
         self.offsets = begins - np.repeat(file_begins, counts) + HEADER  # where the data starts
         self.image_key = image_key
-        self._descriptors: dict = {}
-        self._lock = threading.Lock()
+        self.open_files = OpenFiles(self.files, max_open_files)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -50,9 +92,8 @@ class RecordReader:
     def read(self, i) -> bytes:
         """The serialized tf.train.Example of record `i`."""
         i = int(i)
-        return os.pread(
-            self._descriptor(self.file_of[i]), int(self.lengths[i]), int(self.offsets[i])
-        )
+        with self.open_files.descriptor(int(self.file_of[i])) as descriptor:
+            return os.pread(descriptor, int(self.lengths[i]), int(self.offsets[i]))
 
     def describe(self, i) -> str:
         f = self.file_of[i]
@@ -63,21 +104,14 @@ class RecordReader:
         spec = {self.image_key: tf.io.FixedLenFeature([], tf.string)}
         return tf.io.parse_single_example(serialized, spec)[self.image_key]
 
-    def _descriptor(self, f: int) -> int:
-        descriptor = self._descriptors.get(f)
-        if descriptor is None:
-            with self._lock:
-                descriptor = self._descriptors.get(f)
-                if descriptor is None:
-                    descriptor = self._descriptors[f] = os.open(self.files[f], os.O_RDONLY)
-        return descriptor
-
     def __del__(self):
-        for descriptor in getattr(self, "_descriptors", {}).values():
-            os.close(descriptor)
+        if hasattr(self, "open_files"):
+            self.open_files.close()
 
 
-def index_records(files, label_key: str, image_key: str) -> tuple[RecordReader, np.ndarray]:
+def index_records(
+    files, label_key: str, image_key: str, max_open_files: int = 64
+) -> tuple[RecordReader, np.ndarray]:
     """(reader, labels) of every record of `files`, in file order.
 
     Each process scans every Nth file; the shares are added up and cached (data/cached_work.py).
@@ -89,7 +123,7 @@ def index_records(files, label_key: str, image_key: str) -> tuple[RecordReader, 
     total = int(counts.sum())
     lengths = values[len(files) : len(files) + total]
     labels = values[len(files) + total :].astype(np.int64)
-    reader = RecordReader(files, counts, lengths, image_key)
+    reader = RecordReader(files, counts, lengths, image_key, max_open_files)
     _check_image_key(reader, image_key)
     return reader, labels
 

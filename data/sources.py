@@ -116,17 +116,20 @@ def tfrecord(
     classes=None,
     image_key="image/encoded",
     label_key="image/class/label",
+    max_open_files: int = 64,
 ) -> Source:
     """Uncompressed TFRecord files of tf.train.Examples with an encoded image and an
     integer label, read by offset: memory does not grow with the data set.
 
     The first start indexes the files (one pass, split over the job's processes,
-    cached: data/records.py); later starts read the index back.
+    cached: data/records.py); later starts read the index back. At most
+    `max_open_files` shards are open at once (least recently used closed first), well
+    under the usual `ulimit -n` of 1024 even with thousands of shards.
     """
     files = sorted(glob.glob(pattern))
     if not files:
         raise InputError(f"tfrecord.pattern {pattern!r} matches no file.")
-    reader, values = index_records(files, label_key, image_key)
+    reader, values = index_records(files, label_key, image_key, max_open_files)
     if not len(values):
         raise InputError(f"tfrecord.pattern {pattern!r}: the files hold no records.")
     names = np.unique(values)

@@ -414,3 +414,66 @@ def test_a_job_whose_slice_has_no_readable_row_goes_on_with_its_labels(tmp_path,
     }
     assert reported == expected, done.stdout[-3000:]
     assert "done in" in done.stdout
+
+
+def test_open_shards_are_bounded_and_a_shard_being_read_is_never_closed(tmp_path):
+    from data.records import OpenFiles
+
+    paths = []
+    for f in range(10):
+        path = tmp_path / f"shard-{f}"
+        path.write_bytes(bytes([f]) * 8)
+        paths.append(str(path))
+    files = OpenFiles(paths, limit=3)
+    for f in list(range(10)) * 2:
+        with files.descriptor(f) as descriptor:
+            assert os.pread(descriptor, 1, 0) == bytes([f])
+        assert len(files) <= 3
+    with files.descriptor(0) as a, files.descriptor(1) as b, files.descriptor(2) as c:
+        with files.descriptor(3) as d:  # all 3 busy: a 4th opens beyond the limit
+            assert len(files) == 4
+            assert [os.pread(x, 1, 0) for x in (a, b, c, d)] == [bytes([i]) for i in range(4)]
+    with files.descriptor(4):
+        assert len(files) == 3  # the idle ones, oldest first, closed again
+    with pytest.raises(InputError, match="tfrecord.max_open_files must be a whole number >= 1"):
+        OpenFiles(paths, 0)
+
+
+def test_a_job_over_2000_shards_trains_and_evaluates_under_ulimit_256(tmp_path):
+    """Thousands of shards, a descriptor limit of 256: at most tfrecord.max_open_files
+    (64) are open at once, so neither the indexing, the image check, training nor the
+    evaluation runs out of descriptors."""
+    import shlex
+    import subprocess
+
+    from tests.jobs import ROOT, job_command, job_env
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    for f in range(2000):
+        with tf.io.TFRecordWriter(str(root / f"part-{f:05d}.tfrecord")) as writer:
+            writer.write(_example(_png(f), f % 4))
+    pattern = str(root / "*.tfrecord")
+    params = (
+        "distribute.strategy='single'",
+        "train.model=@small_convnet",
+        "small_convnet.image_size=28",
+        "small_convnet.widths=(8,)",
+        "images.size=28",
+        "train.global_batch_size=16",
+        "train.examples_per_class=4",
+        "train.steps=3",
+        "train.export_model=False",
+        "train.train_data=@train_split/tfrecord",
+        "train.eval_data=@eval_split/tfrecord",
+        f"train_split/tfrecord.pattern='{pattern}'",
+        f"eval_split/tfrecord.pattern='{pattern}'",
+    )
+    command = shlex.join(map(str, job_command(tmp_path / "job", params)))
+    done = subprocess.run(
+        ["bash", "-c", f"ulimit -n 256 && exec {command}"],
+        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "2000 examples, 4 classes" in done.stdout
+    assert "done in" in done.stdout and "recall@1" in done.stdout

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from data.cached_work import cached, current, fingerprint
 from data.errors import InputError
+from data.reading import encoded_image, raw_bytes
 from data.sampler import PKSampler
 from data.sources import Source
 
@@ -228,16 +229,19 @@ def _decoded(source: Source, keys, rows: tf.data.Dataset, size, prepare) -> tf.d
     return prepared.ignore_errors().batch(size).concatenate(nothing).take(1)
 
 
-def _every_row(batches, expected, source: Source, prepare):
+def _every_row(batches, expected, source: Source, prepare, prepare_encoded=None):
     """Yields (images, labels, ok) with every expected row of each batch.
 
     `batches` gives (keys, images) with failed rows left out; `expected` gives, per
     batch, the (keys, indices, *args) of every row, keys in order. Rows are placed by
     their keys: a batch holding a row of another batch is an error, never a silent
     shift of labels. A missing row (its image became unreadable after the start-up
-    check) is filled here, eagerly, with its substitute (`substitutes`), or zeros if
-    that fails too, and marked False in `ok`: no replica is ever a row short. The
-    normal path costs nothing but the check.
+    check) is first read again in Python (data/reading.py): an I/O error is retried,
+    and stops the job if it persists; bytes that come back are decoded by
+    `prepare_encoded(encoded, *args)`, and the row is whole again. Bytes that do not
+    decode make it corrupt: filled with its substitute (`substitutes`), or zeros if that
+    fails too, and marked False in `ok`: no replica is ever a row short. The normal path
+    costs nothing but the check.
     """
     substitute_of = None
     for (keys, images), (expected_keys, indices, *args) in zip(batches, expected, strict=True):
@@ -260,6 +264,13 @@ def _every_row(batches, expected, source: Source, prepare):
         if len(positions):
             full[positions] = images.numpy()
         for row in np.flatnonzero(~ok):
+            if prepare_encoded is not None:
+                recovered = _read_again(
+                    source, indices[row], prepare_encoded, [a[row] for a in args]
+                )
+                if recovered is not None:  # a passing I/O error: the row is its own again
+                    full[row], ok[row] = recovered, True
+                    continue
             try:
                 full[row] = prepare(
                     tf.constant(substitute_of[indices[row]], tf.int64),
@@ -268,6 +279,17 @@ def _every_row(batches, expected, source: Source, prepare):
             except (tf.errors.OpError, ValueError):
                 pass  # its substitute cannot be read either: zeros
         yield tf.constant(full), labels, ok
+
+
+def _read_again(source: Source, index, prepare_encoded, args):
+    """Example `index` read in Python (I/O errors retried; DataIOError when they
+    persist) and prepared; None when its bytes do not decode (a corrupt image)."""
+    raw = raw_bytes(source, int(index))
+    try:
+        encoded = tf.constant(encoded_image(source, raw))
+        return prepare_encoded(encoded, *(tf.constant(a, tf.int64) for a in args)).numpy()
+    except (tf.errors.OpError, ValueError):
+        return None
 
 
 # Global batches decoded at once: each is decoded in parallel inside, so a few in flight
@@ -299,11 +321,15 @@ def train_batches(
             step * sampler.global_batch_size
         )
 
+    prepare_encoded = None
     if from_bytes:
         encoded = _encoded(source)
 
+        def prepare_encoded(image, global_row):
+            return preprocessing.train_encoded(image, tf.stack([seed, global_row]))
+
         def prepare(index, global_row):  # one example by index (also a substitute)
-            return preprocessing.train_encoded(encoded(index), tf.stack([seed, global_row]))
+            return prepare_encoded(encoded(index), global_row)
 
         def prepare_record(serialized, global_row):
             image = source.reader.parse_image(serialized)
@@ -349,7 +375,7 @@ def train_batches(
         return global_rows, indices, global_rows
 
     expected = (expected_rows(step) for step in range(first_step, last_step))
-    return _every_row(batches, expected, source, prepare)
+    return _every_row(batches, expected, source, prepare, prepare_encoded)
 
 
 def eval_batches(source: Source, rows: list[tuple[int, int]], preprocessing=None):
@@ -370,7 +396,13 @@ def eval_batches(source: Source, rows: list[tuple[int, int]], preprocessing=None
         .prefetch(AUTOTUNE)
     )
     expected = ((np.arange(first, last), np.arange(first, last)) for first, last in rows)
-    return _every_row(batches, expected, source, prepare)
+
+    def prepare_encoded(image):
+        return preprocessing.eval(ImagePreprocessing.decode(image))
+
+    return _every_row(
+        batches, expected, source, prepare, None if source.kind == "pixels" else prepare_encoded
+    )
 
 
 def unreadable(source: Source, indices) -> list[str]:
@@ -459,6 +491,15 @@ def _decodable(source: Source, start: int, end: int, log, every_seconds: float =
                 f"  checked {min((done + 1) * 1024, end - start):,}/{end - start:,} images "
                 f"({(time.time() - began):.0f}s)"
             )
+    # A failure is corrupt only if the bytes read and do not decode; an I/O error is
+    # retried, and stops the job (never cached as corrupt) if it persists.
+    for offset in np.flatnonzero(~good):
+        raw = raw_bytes(source, start + int(offset))
+        try:
+            ImagePreprocessing.decode(tf.constant(encoded_image(source, raw)))
+            good[offset] = True
+        except (tf.errors.OpError, ValueError):
+            pass
     return good
 
 

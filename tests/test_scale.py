@@ -477,3 +477,89 @@ def test_a_job_over_2000_shards_trains_and_evaluates_under_ulimit_256(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "2000 examples, 4 classes" in done.stdout
     assert "done in" in done.stdout and "recall@1" in done.stdout
+
+
+class _FlakyDisk:
+    """Python reads of one path fail with EIO `failures` times, then give `content`."""
+
+    def __init__(self, monkeypatch, path, content: bytes, failures: int):
+        from data import reading
+
+        self.content, self.failures = content, failures
+        self.attempts, self.sleeps = 0, []
+        real = reading._read_file
+
+        def read(p):
+            if p != str(path):
+                return real(p)
+            self.attempts += 1
+            if self.attempts <= self.failures:
+                raise OSError(5, "Input/output error", p)
+            return self.content
+
+        monkeypatch.setattr(reading, "_read_file", read)
+        monkeypatch.setattr(reading.time, "sleep", self.sleeps.append)
+
+
+def test_a_read_that_fails_twice_then_succeeds_gives_the_image_not_a_substitute(
+    tmp_path, monkeypatch
+):
+    """tf.data cannot read the file (it vanished for a moment); read again in Python it
+    fails twice with EIO, then succeeds: the row is its own image, flagged ok, after
+    backoffs of 0.5 and 1 s; not a corrupt image and not a substitute."""
+    root = _folder(tmp_path / "images", classes=2, per_class=3)
+    source, _ = verify_images(image_folder(str(root)))
+    flaky = root / "1" / "0.png"  # index 3
+    png = flaky.read_bytes()
+    flaky.unlink()  # the fast path fails
+    disk = _FlakyDisk(monkeypatch, flaky, png, failures=2)
+    prep = ImagePreprocessing(size=8, augment=False)
+    images, labels, ok = next(iter(eval_batches(source, [(0, 6)], prep)))
+    assert ok.all() and disk.attempts == 3 and disk.sleeps == [0.5, 1.0]
+    want = prep.eval(ImagePreprocessing.decode(tf.constant(png))).numpy()
+    np.testing.assert_array_equal(images[3], want)
+    sampler = PKSampler(source.labels, 2, 3, seed=0)
+    for _, _, ok in train_batches(source, sampler, (0, 6), 0, 2, prep):
+        assert ok.all()
+
+
+def test_a_persistent_io_error_stops_by_name_and_is_never_cached_as_corrupt(tmp_path, monkeypatch):
+    from data.reading import DataIOError
+
+    root = _folder(tmp_path / "images", classes=2, per_class=3)
+    flaky = root / "1" / "0.png"
+    png = flaky.read_bytes()
+    flaky.unlink()
+    flaky.mkdir()  # stat works (the fingerprint), tf.data's read fails
+    disk = _FlakyDisk(monkeypatch, flaky, png, failures=100)
+    with cached_work.using(cached_work.SharedWork(str(tmp_path / "cache"))):
+        with pytest.raises(
+            DataIOError, match=rf"cannot read {flaky}: Input/output error \(errno 5\), 4 attempts"
+        ):
+            verify_images(image_folder(str(root)), on_corrupt="skip")
+        assert disk.sleeps == [0.5, 1.0, 2.0]
+        assert not list((tmp_path / "cache").glob("image-check-*"))  # nothing cached
+        disk.failures = 0  # the storage is back: the same check passes, and is cached
+        kept, bad = verify_images(image_folder(str(root)), on_corrupt="skip")
+        assert (len(kept), bad) == (6, [])
+        assert list((tmp_path / "cache").glob("image-check-*"))
+
+
+def test_bytes_that_read_but_do_not_decode_are_corrupt_not_retried(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "images", classes=2, per_class=3)
+    broken = root / "1" / "0.png"
+    broken.write_bytes(b"not an image")
+    disk = _FlakyDisk(monkeypatch, root / "none", b"", failures=0)
+    kept, bad = verify_images(image_folder(str(root)), on_corrupt="skip")
+    assert bad == [str(broken)] and len(kept) == 5 and disk.sleeps == []
+
+
+def test_data_io_settings_are_read_and_checked_by_the_job(tmp_path):
+    from tests.jobs import run_job
+
+    done = run_job(tmp_path / "job", ("data_io.retries=-1",), check=False)
+    assert done.returncode == 2
+    assert "data_io.retries must be a whole number >= 0, got -1." in done.stderr
+    done = run_job(tmp_path / "job2", ("data_io.retries=5", "train.steps=1",
+                                       "train.export_model=False"))  # fmt: skip
+    assert "done in" in done.stdout  # a binding the job reads, not refused as unused

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from data import cached_work
+from data import cached_work, reading
 from data.pipeline import corrupt_policy, preprocessing_for, verify_images
 from data.sampler import PKSampler
 from data.sources import Source, digits
@@ -37,6 +37,7 @@ def load_data(
 ) -> JobData:
     """Builds the configured sources (digits 0-5 / 6-9 when none is) and the sampler."""
     on_corrupt = corrupt_policy()
+    reading.configure()  # data_io.*: how a failed read is retried
     with cached_work.using(_shared_work(workdir, replicas)):
         train_source = (train_data or (lambda: digits(classes=(0, 6))))()
         eval_source = (eval_data or (lambda: digits(classes=(6, 10))))()

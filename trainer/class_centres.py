@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from data.errors import InputError
 from losses.proxies import initial_centres
-from trainer.replicas import Replicas, slice_bounds
+from trainer.replicas import Replicas, applied_if, slice_bounds
 
 SLOTS = {"adam": ("m", "v"), "adamw": ("m", "v"), "sgd": ()}
 ADAM_DEFAULTS = (0.9, 0.999, 1e-7)  # Keras' beta_1, beta_2, epsilon (the trainer's Adam)
@@ -173,10 +173,7 @@ class ShardedCentres:
                 )
             shard.iterations.assign_add(1)
 
-        if only_if is None:
-            update()
-        else:
-            tf.cond(only_if, lambda: (update(), tf.constant(True))[1], lambda: tf.constant(False))
+        applied_if(only_if, update)
 
     # --- outside the steps ------------------------------------------------------------
     def local_bytes(self) -> int:

@@ -183,7 +183,7 @@ class Replicas:
 
         `only_if`: a boolean tensor, the same on every replica; when False nothing is
         applied (no weight, slot or step counter changes)."""
-        _applied_if(only_if, lambda: optimizer.apply(grads, variables))
+        applied_if(only_if, lambda: optimizer.apply(grads, variables))
 
     def sum_gradients(self, grads):
         """This replica's gradients summed over all replicas (for checks and logging)."""
@@ -442,7 +442,7 @@ class HorovodReplicas(Replicas):
 
     def apply_gradients(self, optimizer, grads, variables, only_if=None) -> None:
         summed = self.sum_gradients(grads)  # on every worker, whatever the verdict
-        _applied_if(only_if, lambda: optimizer.apply(summed, variables))
+        applied_if(only_if, lambda: optimizer.apply(summed, variables))
 
     def sum_gradients(self, grads):
         return self.hvd.grouped_allreduce(list(grads), op=self.hvd.Sum)
@@ -456,7 +456,7 @@ def _default_gpu() -> str | None:
     return gpus[0].name if gpus else None
 
 
-def _applied_if(condition, apply) -> None:
+def applied_if(condition, apply) -> None:
     """`apply()` when `condition` (a boolean tensor, or None for always)."""
     if condition is None:
         apply()

@@ -196,7 +196,7 @@ def _mine(loss, replicas: Replicas, embeddings, labels, carrier, replica_rows, m
     if carrier is None:
         terms = loss.terms(embeddings, labels, tf.range(local_rows), embeddings, labels)
         return Mined(terms, tf.fill([local_rows], me), me, None, None)
-    keys, key_labels, owner, carrier_keys = _gather_keys(
+    keys, key_labels, owner, carrier_keys = gather_keys(
         replicas, embeddings, labels, me, carrier, replica_rows
     )
     # Replicas may hold different row counts (a short last batch): our first row among
@@ -213,7 +213,7 @@ def _mine(loss, replicas: Replicas, embeddings, labels, carrier, replica_rows, m
     return Mined(terms, owner, me, carrier, carrier_keys)
 
 
-def _gather_keys(replicas: Replicas, embeddings, labels, me, carrier, replica_rows):
+def gather_keys(replicas: Replicas, embeddings, labels, me, carrier, replica_rows):
     """All replicas' embeddings, labels, owners and carrier columns, in one all-gather.
 
     Labels and the owner's replica index ride along as three float32 columns (the

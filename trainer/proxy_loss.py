@@ -14,7 +14,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from losses.mining import class_ids
-from trainer.global_loss import STATS, StepResult, _gather_keys
+from trainer.global_loss import STATS, StepResult, gather_keys
 
 
 def proxy_loss_and_gradients(
@@ -29,7 +29,7 @@ def proxy_loss_and_gradients(
         embeddings = tf.cast(embed(inputs), tf.float32)
         me = tf.cast(replicas.replica_index(), tf.int32)
         no_carrier = tf.zeros([tf.shape(embeddings)[0], 0])
-        keys, key_labels, _, _ = _gather_keys(
+        keys, key_labels, _, _ = gather_keys(
             replicas, embeddings, labels, me, no_carrier, replica_rows
         )
         block = centres.block(keys, key_labels, step)
@@ -55,7 +55,5 @@ def proxy_loss_value(centres, replicas, embeddings, labels, replica_rows=None) -
     embeddings = tf.cast(embeddings, tf.float32)
     me = tf.cast(replicas.replica_index(), tf.int32)
     no_carrier = tf.zeros([tf.shape(embeddings)[0], 0])
-    keys, key_labels, _, _ = _gather_keys(
-        replicas, embeddings, labels, me, no_carrier, replica_rows
-    )
+    keys, key_labels, _, _ = gather_keys(replicas, embeddings, labels, me, no_carrier, replica_rows)
     return centres.block(keys, key_labels, step=None).value

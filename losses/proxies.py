@@ -49,6 +49,12 @@ def _inputs(embeddings, labels, centres, rows_per_class: int = 1):
         or embeddings.shape[1] == centres.shape[1],
         f"embeddings of width {embeddings.shape[1]} against centres of width {centres.shape[1]}",
     )  # fmt: skip
+    rows = centres.shape[0]
+    if rows is not None:
+        _check(
+            rows % rows_per_class == 0,
+            f"centres have {rows} rows, not a multiple of sub_centers={rows_per_class}",
+        )
     classes = tf.shape(centres)[0] // rows_per_class
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     unit_embeddings = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=1)
@@ -193,9 +199,9 @@ def _softmax_block(loss_name, logits, local, reduce_sum, reduce_max) -> ProxyBlo
     """Cross-entropy at the target over all blocks' logits, from per-example vectors:
     the maximum, the sum of exponentials and the target logit."""
     target = tf.one_hot(local, tf.shape(logits)[1])  # a zero row when not in this block
-    empty = tf.shape(logits)[1] == 0
-    local_peak = tf.where(empty, -_LARGE, tf.reduce_max(tf.concat(
-        [logits, tf.fill([tf.shape(logits)[0], 1], -_LARGE)], axis=1), axis=1))  # fmt: skip
+    # A -_LARGE column: a block with no kept class has that as its maximum.
+    floor = tf.fill([tf.shape(logits)[0], 1], -_LARGE)
+    local_peak = tf.reduce_max(tf.concat([logits, floor], axis=1), axis=1)
     peak = tf.stop_gradient(reduce_max(local_peak))  # any common shift is exact
     exps = tf.exp(logits - peak[:, None])
     total = reduce_sum(tf.reduce_sum(exps, axis=1))
@@ -234,15 +240,15 @@ def _whole(loss_name: str, embeddings, labels, centres, **options) -> tf.Tensor:
     options = checked_options(loss_name, **options)
     k = rows_per_class(loss_name, options)
     centres = tf.convert_to_tensor(centres)
-    _check(centres.shape.rank == 2, f"centres must be (classes, dim), got {centres.shape}")
-    if centres.shape[0] is not None:
-        _check(
-            centres.shape[0] % k == 0,
-            f"centres have {centres.shape[0]} rows, not a multiple of sub_centers={k}",
-        )
-    block = proxy_loss_block(
-        loss_name, embeddings, labels, centres, 0, tf.shape(centres)[0] // k, options
+    num_classes = tf.shape(centres)[0] // k
+    return differentiable(
+        proxy_loss_block(loss_name, embeddings, labels, centres, 0, num_classes, options)
     )
+
+
+def differentiable(block: ProxyBlock) -> tf.Tensor:
+    """A block that is the whole loss (one device) as a tensor: its value, with its
+    surrogate's gradient."""
     return block.value + block.surrogate - tf.stop_gradient(block.surrogate)
 
 

@@ -80,10 +80,11 @@ class _ProxyLoss(WholeBatchLoss):
                 "embedding_dim, or call attach(model) before fit"
             )
         labels = mining.class_ids(y_true)
-        block = proxies.proxy_loss_block(
-            self.loss_name, y_pred, labels, self.centres, 0, self.num_classes, self.options
+        return proxies.differentiable(
+            proxies.proxy_loss_block(
+                self.loss_name, y_pred, labels, self.centres, 0, self.num_classes, self.options
+            )
         )
-        return block.value + block.surrogate - tf.stop_gradient(block.surrogate)
 
     def block(
         self, embeddings, labels, centres, first_class, end_class, step, reduce_sum, reduce_max

@@ -24,9 +24,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.class_centres import centres_for_optimizer
-from trainer.global_loss import STATS, loss_and_statistics
+from trainer.global_loss import loss_and_statistics
 from trainer.placement import place_worker
-from trainer.proxy_loss import proxy_loss_value
+from trainer.proxy_loss import proxy_loss_and_statistics
 from trainer.replicas import HorovodReplicas, from_context, launched_by_horovodrun
 from trainer.train_step import METRICS, metrics_vector, model_forward, replica_step
 
@@ -137,11 +137,15 @@ class GlobalMiningModel(keras.Model):
             return tf.constant(0.0)
         return super().compute_loss(x, y, y_pred, sample_weight, **kwargs)
 
+    def _build_model(self, x) -> None:
+        """Creates an unbuilt embedding model's weights from one all-zeros input of x."""
+        if not self.embedding_model.built or not self.embedding_model.weights:
+            self.embedding_model(_example_batch(x), training=False)
+
     def _build_centres(self, x) -> None:
         """A proxy loss's centres, sharded over the replicas like the trainer's
         (trainer/class_centres.py; `self.centres.save` / `restore` checkpoint them)."""
-        if not self.embedding_model.built or not self.embedding_model.weights:
-            self.embedding_model(_example_batch(x), training=False)
+        self._build_model(x)
         width = self.embedding_model.output_shape[-1]
         self.centres = centres_for_optimizer(
             self.loss, self.replicas, self.loss.num_classes, width, self.optimizer
@@ -185,12 +189,13 @@ class GlobalMiningModel(keras.Model):
         embeddings = self(x, training=False)
         rows = self._replica_rows(y)
         if getattr(self, "centres", None) is not None:
-            value = proxy_loss_value(self.centres, self.replicas, embeddings, y, rows)
-            stats = {name: tf.constant(0.0) for name in STATS}
-            return self._logged(metrics_vector(value, stats, finite=True))
-        value, stats = loss_and_statistics(
-            self.loss, self.replicas, embeddings, y, self.cross_replica_mining, rows
-        )
+            value, stats = proxy_loss_and_statistics(
+                self.centres, self.replicas, embeddings, y, rows
+            )
+        else:
+            value, stats = loss_and_statistics(
+                self.loss, self.replicas, embeddings, y, self.cross_replica_mining, rows
+            )
         return self._logged(metrics_vector(value, stats, finite=True))
 
     def _replica_rows(self, labels):
@@ -211,8 +216,7 @@ class GlobalMiningModel(keras.Model):
     def _start_from_chief(self, x) -> None:
         """Builds the weights and optimizer state, then broadcasts rank 0's to every
         worker, so that workers started from different weights train as one."""
-        if not self.embedding_model.built or not self.embedding_model.weights:
-            self.embedding_model(_example_batch(x), training=False)
+        self._build_model(x)
         if self.optimizer is not None and not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
         optimizer_variables = self.optimizer.variables if self.optimizer is not None else []

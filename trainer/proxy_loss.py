@@ -23,37 +23,44 @@ def proxy_loss_and_gradients(
     """Runs inside `Replicas.run`: (the model's gradients, loss and STATS; this replica's
     centre gradient). `scale_loss` (a loss-scale optimizer's) scales what is
     differentiated; the centre gradient comes back unscaled."""
-    labels = tf.cast(class_ids(labels), tf.int32)
     shard = centres.variable()
     with tf.GradientTape() as tape:
-        embeddings = tf.cast(embed(inputs), tf.float32)
-        me = tf.cast(replicas.replica_index(), tf.int32)
-        no_carrier = tf.zeros([tf.shape(embeddings)[0], 0])
-        keys, key_labels, _, _ = gather_keys(
-            replicas, embeddings, labels, me, no_carrier, replica_rows
-        )
+        keys, key_labels = _global_batch(replicas, embed(inputs), labels, replica_rows)
         block = centres.block(keys, key_labels, step)
         target = block.surrogate if scale_loss is None else scale_loss(block.surrogate)
     *grads, centre_grad = tape.gradient(target, [*variables, shard])
     if scale_loss is not None:
         centre_grad = tf.convert_to_tensor(centre_grad) / scale_loss(tf.constant(1.0))
-    rows = tf.cast(tf.shape(keys)[0], tf.float32)
-    stats = {name: tf.constant(0.0) for name in STATS}
-    stats.update(
-        loss_sum=block.value,
-        count=tf.constant(1.0),
-        norm_sum=tf.reduce_sum(tf.norm(tf.stop_gradient(keys), axis=1)),
-        rows=rows,
-    )
+    stats = _statistics(block.value, keys)
     return StepResult(grads=grads, loss=block.value, stats=stats, terms=None), centre_grad
 
 
-def proxy_loss_value(centres, replicas, embeddings, labels, replica_rows=None) -> tf.Tensor:
+def proxy_loss_and_statistics(centres, replicas, embeddings, labels, replica_rows=None):
     """The forward half, for evaluation: the global loss of these embeddings (every
-    centre takes part, whatever the sample rate)."""
-    labels = tf.cast(class_ids(labels), tf.int32)
+    centre takes part, whatever the sample rate) and its STATS."""
+    keys, key_labels = _global_batch(replicas, embeddings, labels, replica_rows)
+    value = centres.block(keys, key_labels, step=None).value
+    return value, _statistics(value, keys)
+
+
+def _global_batch(replicas, embeddings, labels, replica_rows):
+    """Every replica's embeddings (float32) and int32 labels, in replica order (one
+    all-gather, which returns each embedding's gradient to its owner)."""
     embeddings = tf.cast(embeddings, tf.float32)
+    labels = tf.cast(class_ids(labels), tf.int32)
     me = tf.cast(replicas.replica_index(), tf.int32)
     no_carrier = tf.zeros([tf.shape(embeddings)[0], 0])
     keys, key_labels, _, _ = gather_keys(replicas, embeddings, labels, me, no_carrier, replica_rows)
-    return centres.block(keys, key_labels, step=None).value
+    return keys, key_labels
+
+
+def _statistics(value, keys) -> dict:
+    """STATS of a proxy loss: its value and the embeddings' norms (no pairs or triplets)."""
+    stats = {name: tf.constant(0.0) for name in STATS}
+    stats.update(
+        loss_sum=value,
+        count=tf.constant(1.0),
+        norm_sum=tf.reduce_sum(tf.norm(tf.stop_gradient(keys), axis=1)),
+        rows=tf.cast(tf.shape(keys)[0], tf.float32),
+    )
+    return stats

@@ -219,7 +219,7 @@ class MirroredReplicas(Replicas):
             return
         values = [np.asarray(v.numpy()) for v in variables]
         flat = np.concatenate([np.ravel(v).astype(np.float64) for v in values])
-        summed = self.sum_over_processes(flat if self.is_chief else np.zeros_like(flat))
+        summed = self._chief_array(flat, len(flat))
         start = 0
         for variable, value in zip(variables, values, strict=True):
             variable.assign(
@@ -232,8 +232,12 @@ class MirroredReplicas(Replicas):
             return value
         data = np.frombuffer(pickle.dumps(value), np.uint8) if self.is_chief else None
         size = int(self.sum_over_processes([len(data) if self.is_chief else 0])[0])
-        mine = data.astype(np.float64) if self.is_chief else np.zeros(size)
-        return pickle.loads(self.sum_over_processes(mine).astype(np.uint8).tobytes())
+        return pickle.loads(self._chief_array(data, size).astype(np.uint8).tobytes())
+
+    def _chief_array(self, array, size: int) -> np.ndarray:
+        """The chief's 1-D `array` of `size` on every process: one host all-reduce of it
+        and the other processes' zeros (exact in float64)."""
+        return self.sum_over_processes(array if self.is_chief else np.zeros(size))
 
     def sum_over_processes(self, array) -> np.ndarray:
         array = np.asarray(array, np.float64)

@@ -191,6 +191,23 @@ def test_restart_with_the_same_workdir_resumes_where_it_stopped(tmp_path):
         (("train.keep_checkpoints=0",), (), "train.keep_checkpoints must be >= 1"),
         (("learning_rate_schedule.warmup_steps=-1",), (), "warmup_steps must be >= 0"),
         (("data_cache.enabled='no'",), (), "data_cache.enabled must be True or False, got 'no'"),
+        (("train.reference_batch_size=0",), (), "train.reference_batch_size must be >= 1, got 0"),
+        (
+            ("train.centre_learning_rate_multiplier=0",),
+            (),
+            "train.centre_learning_rate_multiplier must be > 0, got 0",
+        ),
+        (("data_io.backoff_seconds=-1",), (), "data_io.backoff_seconds must be >= 0, got -1"),
+        (
+            ("train.loss=@ArcFaceLoss()", "ArcFaceLoss.sample_rate=0"),
+            (),
+            "sample_rate must be in (0, 1], got 0",
+        ),
+        (
+            ("train.loss=@ArcFaceLoss()", "ArcFaceLoss.num_classes=3"),
+            (),
+            "ArcFaceLoss.num_classes=3 but the training data has labels up to 5",
+        ),
         (("images.size=32",), (), "'images.size=32' is never read: nothing in this job calls"),
         (
             ("train_split/image_folder.root='/data/x'",),

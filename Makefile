@@ -32,6 +32,7 @@ bench: install
 	$(PYTHON) -m bench.step
 	$(PYTHON) -m bench.quality
 	$(PYTHON) -m bench.real
+	$(PYTHON) -m bench.centres
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -106,8 +106,10 @@ PY_TAG="cp${PY_VERSION/./}"
 STAMP_KEY="$(printf '%s\n' "$(sha1sum "${BASH_SOURCE[0]}" | cut -c1-40)" "$TF_PACKAGE" "$OPS_KEY" \
   "$PY_VERSION" | sha1sum | cut -c1-12)"
 STAMP="$VENV/.installed-$STAMP_KEY"
-# The wheel's key: Horovod, TensorFlow and Python versions and the GPU operations.
-wheel_key() { echo "horovod-${HOROVOD_VERSION}-tf$1-${PY_TAG}-${OPS_KEY}"; }
+# The wheel's key: Horovod, the TensorFlow package it was built against (tensorflow-cpu
+# or the CUDA build, tensorflow) and its version, Python and the GPU operations.
+TF_DIST="${TF_PACKAGE%%[[=<>~! ]*}"
+wheel_key() { echo "horovod-${HOROVOD_VERSION}-${TF_DIST}-$1-${PY_TAG}-${OPS_KEY}"; }
 
 if [[ $PLAN -eq 1 ]]; then
   # The TensorFlow version is known once installed: the plan uses the installed one, if any.
@@ -223,6 +225,11 @@ HOROVOD_BUILT="$(printf '%s\n' "$CHECK" | awk '
   /^Available Tensor Operations:/ { part = "tensor operations" }
   /\[X\]/ { list[part] = list[part] (list[part] ? ", " : "") $2 }
   END { printf "frameworks %s; controllers %s; tensor operations %s", list["frameworks"], list["controllers"], list["tensor operations"] }')"
+# --check-build marks PyTorch even when torch is not installed (it is not: the build has
+# HOROVOD_WITHOUT_PYTORCH); say only what can be imported.
+if ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
+  HOROVOD_BUILT="${HOROVOD_BUILT/TensorFlow, PyTorch/TensorFlow}"
+fi
 TF_BUILD="$("$VENV/bin/python" - <<'PY'
 import tensorflow as tf
 

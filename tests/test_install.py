@@ -110,6 +110,10 @@ def test_plan_on_a_gpu_machine_without_nccl_says_so_plainly(tmp_path):
 def test_plan_takes_the_users_tensorflow_package(tmp_path):
     decided = plan(tmp_path, gpus=4, nccl=True, TF_PACKAGE="tensorflow-cpu==2.21.*")
     assert decided["tensorflow"].strip() == "tensorflow-cpu==2.21.* (from TF_PACKAGE)"
+    # A wheel built against one TensorFlow package is never reused for the other.
+    assert "/horovod-0.28.1-tensorflow-cpu-2.21" in decided["horovod wheel"]
+    cuda = plan(tmp_path, gpus=4, nccl=True, TF_PACKAGE="tensorflow[and-cuda]==2.21.*")
+    assert "/horovod-0.28.1-tensorflow-2.21" in cuda["horovod wheel"]
 
 
 def test_the_stamp_changes_with_the_tensorflow_package_and_gpu_operations(tmp_path):

@@ -119,7 +119,9 @@ class Replicas:
         replicas, ready for `run`: on each replica's device (the copy is issued now, so
         staged while an earlier step runs it overlaps that step)."""
         gpu = _default_gpu()
-        with tf.device(gpu) if gpu else contextlib.nullcontext():
+        if gpu is None:  # nothing to copy: the step reads host memory
+            return tuple(tf.convert_to_tensor(a) for a in local_arrays)
+        with tf.device(gpu):
             return tuple(tf.identity(tf.convert_to_tensor(a)) for a in local_arrays)
 
     def split(self, *global_arrays):

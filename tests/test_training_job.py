@@ -359,10 +359,26 @@ def test_a_failure_only_one_rank_meets_is_shown_with_its_rank_and_host(tmp_path,
     assert "Traceback" not in done.stderr
 
 
+def _job_with_a_users_model(tmp_path, monkeypatch, module_source: str, params=()):
+    """Runs the digits job with `train.model = @my_models.build`, `my_models` being
+    `module_source` written outside the project and imported by the user's config."""
+    (tmp_path / "my_models.py").write_text(module_source)
+    config = tmp_path / "my_job.gin"
+    config.write_text(
+        "include 'digits.gin'\nimport my_models\n\n"
+        "train.model = @my_models.build\nmy_models.build.width = 8\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    params = ("distribute.strategy='single'", "train.steps=2", *params)
+    return run_job(tmp_path / "w", params, extra=(f"--gin_file={config}",))
+
+
 def test_a_users_own_model_from_a_module_outside_the_project(tmp_path, monkeypatch):
     """The README's recipe: a module of the user's registered with gin, imported by the
     user's config, named as train.model; its bindings apply like the project's."""
-    (tmp_path / "my_models.py").write_text(
+    done = _job_with_a_users_model(
+        tmp_path,
+        monkeypatch,
         "import gin\n"
         "import keras\n\n"
         "@gin.configurable\n"
@@ -372,19 +388,53 @@ def test_a_users_own_model_from_a_module_outside_the_project(tmp_path, monkeypat
         "        keras.layers.Conv2D(width, 3, padding='same', activation='relu'),\n"
         "        keras.layers.GlobalAveragePooling2D(),\n"
         "        keras.layers.UnitNormalization(),\n"
-        "    ], name='my_net')\n"
+        "    ], name='my_net')\n",
+        ("train.export_model=False",),
     )
-    config = tmp_path / "my_job.gin"
-    config.write_text(
-        "include 'digits.gin'\nimport my_models\n\n"
-        "train.model = @my_models.build\nmy_models.build.width = 8\n"
-    )
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
-    params = ("distribute.strategy='single'", "train.steps=2", "train.export_model=False")
-    done = run_job(tmp_path / "w", params, extra=(f"--gin_file={config}",))
     assert "80 parameters" in done.stdout  # 3*3*1*8 + 8: the width-8 net, not width 16
     operative = (tmp_path / "w" / "operative_config.gin").read_text()
     assert "train.model = @my_models.build" in operative and "width = 8" in operative
+
+
+# BatchNorm whose moving statistics stay where they started (momentum ~1) after a layer
+# whose outputs sit far from 0: in training mode the batch statistics spread the
+# embeddings, at inference every image maps to nearly the same vector.
+STALE_BATCHNORM_MODEL = (
+    "import gin\n"
+    "import keras\n\n"
+    "@gin.configurable\n"
+    "def build(width=16):\n"
+    "    return keras.Sequential([\n"
+    "        keras.Input((8, 8, 1)),\n"
+    "        keras.layers.Flatten(),\n"
+    "        keras.layers.Dense(width, bias_initializer=keras.initializers.Constant(1000.0)),\n"
+    "        keras.layers.BatchNormalization(momentum=0.9999),\n"
+    "        keras.layers.UnitNormalization(),\n"
+    "    ])\n"
+)
+
+
+@pytest.mark.parametrize("precise", [0, 2])
+def test_collapsed_evaluation_embeddings_are_reported_and_precise_batchnorm_mends_them(
+    tmp_path, monkeypatch, precise
+):
+    done = _job_with_a_users_model(
+        tmp_path,
+        monkeypatch,
+        STALE_BATCHNORM_MODEL,
+        (f"train.precise_batchnorm_batches={precise}",),
+    )
+    workdir = tmp_path / "w"
+    eval_cosine = scalars(workdir, "eval/mean_cosine")[2]
+    train_cosine = scalars(workdir, "train/mean_cosine")[2]
+    assert train_cosine < 0.5, train_cosine  # training mode: spread
+    warned = "warning: the evaluation embeddings collapsed" in done.stdout
+    if precise:
+        assert "precise BatchNorm: 1 layer(s) re-estimated over 2 training batches" in done.stdout
+        assert eval_cosine < 0.5 and not warned, (eval_cosine, done.stdout[-2000:])
+    else:
+        assert eval_cosine > 0.99, eval_cosine
+        assert warned and "Set train.precise_batchnorm_batches > 0 (now 0)" in done.stdout
 
 
 def test_the_sop_config_trains_on_its_listings(tmp_path):

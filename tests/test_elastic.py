@@ -103,7 +103,10 @@ def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
         hosts.write_text("localhost:1\n")  # ...is taken away...
         trains_on(job, workdir, 1, 5)
         hosts.write_text("localhost:1\n127.0.0.1:1\n")  # ...and comes back
-        trains_on(job, workdir, 2, 5)
+        # 6 steps: the 6th runs only once both workers have passed the commit of the 5th
+        # (commits every 5 steps, and a worker joins at one). A kill before that commit
+        # sends the job back to the last one, retraining the stretch on 1 worker.
+        trains_on(job, workdir, 2, 6)
         first = workers_on(tree, "localhost")
         assert len(first) == 1, [p.cmdline() for p in workers_of(tree)]
         last_with_two = max(replicas_by_step(workdir))
@@ -172,7 +175,10 @@ def test_an_elastic_job_splits_a_batch_that_its_workers_do_not_divide(tmp_path):
     )
     job = start_job(workdir, params, elastic_launcher(discover, max_workers=3))
     with killing_all_at_exit(job) as tree:
-        trains_on(job, workdir, 3, 5)
+        # Step 6 runs only once every worker has passed step 5's commit. Killed before
+        # that, the job would go back to step 0 and retrain every step on fewer workers,
+        # leaving no 3-worker stretch to compare.
+        trains_on(job, workdir, 3, 6)
         workers = [p for p in workers_of(tree) if is_worker(p)]
         chief = [p for p in workers if p.environ().get("HOROVOD_RANK") == "0"][0]
         chief_host = chief.environ()["HOROVOD_HOSTNAME"]
@@ -291,7 +297,7 @@ def test_an_elastic_job_reshards_a_proxy_loss_s_centres(tmp_path):
     with killing_all_at_exit(job) as tree:
         trains_on(job, workdir, 1, 3)
         hosts.write_text("localhost:1\n127.0.0.1:1\n")
-        trains_on(job, workdir, 2, 5)
+        trains_on(job, workdir, 2, 6)  # past the commit of the 5th (see above)
         workers_on(tree, "127.0.0.1")[0].kill()
         trains_on(job, workdir, 1, 5)
         job.send_signal(signal.SIGTERM)

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from data.pipeline import ImagePreprocessing, train_batches  # noqa: E402
+from data.records import encode_example  # noqa: E402
 from data.sampler import PKSampler  # noqa: E402
 from data.sources import image_folder, tfrecord  # noqa: E402
 
@@ -55,19 +56,7 @@ def write_data(root: str, images: int) -> tuple[str, str]:
         os.makedirs(os.path.join(folder, f"{label:03d}"), exist_ok=True)
         with open(os.path.join(folder, f"{label:03d}", f"{i}.jpg"), "wb") as f:
             f.write(encoded)
-        example = tf.train.Example(
-            features=tf.train.Features(
-                feature={
-                    "image/encoded": tf.train.Feature(
-                        bytes_list=tf.train.BytesList(value=[encoded])
-                    ),
-                    "image/class/label": tf.train.Feature(
-                        int64_list=tf.train.Int64List(value=[label])
-                    ),
-                }
-            )
-        )
-        writers[i % SHARDS].write(example.SerializeToString())
+        writers[i % SHARDS].write(encode_example(encoded, label))
     for writer in writers:
         writer.close()
     return os.path.join(root, "train-*.tfrecord"), folder

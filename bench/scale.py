@@ -116,6 +116,8 @@ def write_tfrecords(folder: str, total_bytes: int, classes: int = 50, files: int
     """~total_bytes of TFRecords of 256×256 noise PNGs (a few distinct images, cycled)."""
     import tensorflow as tf
 
+    from data.records import encode_example
+
     pngs = noise_pngs(32, 256)
     count = max(classes * 2, total_bytes // len(pngs[0]))
     os.makedirs(folder, exist_ok=True)
@@ -123,16 +125,7 @@ def write_tfrecords(folder: str, total_bytes: int, classes: int = 50, files: int
         tf.io.TFRecordWriter(os.path.join(folder, f"part-{f:03d}.tfrecord")) for f in range(files)
     ]
     for i in range(count):
-        feature = {
-            "image/encoded": tf.train.Feature(
-                bytes_list=tf.train.BytesList(value=[pngs[i % len(pngs)]])
-            ),
-            "image/class/label": tf.train.Feature(
-                int64_list=tf.train.Int64List(value=[i % classes])
-            ),
-        }
-        example = tf.train.Example(features=tf.train.Features(feature=feature))
-        writers[i % files].write(example.SerializeToString())
+        writers[i % files].write(encode_example(pngs[i % len(pngs)], i % classes))
     for writer in writers:
         writer.close()
     return os.path.join(folder, "*.tfrecord")

@@ -29,6 +29,18 @@ RECORD_OVERHEAD = 16  # 8-byte length and its 4-byte CRC before the data, a 4-by
 HEADER = 12
 
 
+def encode_example(
+    image: bytes, label: int, image_key="image/encoded", label_key="image/class/label"
+) -> bytes:
+    """A serialized `tf.train.Example` of one encoded image and its integer label: what
+    `data.sources.tfrecord` reads (write it with `tf.io.TFRecordWriter`)."""
+    feature = {
+        image_key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        label_key: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
 class OpenFiles:
     """Descriptors of at most `limit` files at once (data sets ship as thousands of shards,
     past `ulimit -n`): the least recently used idle one is closed to open another. A

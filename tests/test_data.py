@@ -9,6 +9,7 @@ from PIL import Image
 
 from data.errors import InputError
 from data.pipeline import PixelAugmentation, eval_batches, train_batches
+from data.records import encode_example
 from data.sampler import PKSampler
 from data.sources import digits, image_folder, list_file, tfrecord
 from tests.jobs import ROOT
@@ -170,6 +171,7 @@ def test_tfrecord_source_reads_images_and_maps_labels_to_positions(tmp_path):
                 )
             )
             writer.write(example.SerializeToString())
+            assert encode_example(png, label) == example.SerializeToString()
     source = tfrecord(str(tmp_path / "*.tfrecord"))
     assert source.labels.tolist() == [1, 0, 1, 2, 0]  # positions of 7, 3, 7, 11, 3
     assert source.class_names == ("3", "7", "11")

@@ -17,6 +17,7 @@ from data.pipeline import (
     train_batches,
     verify_images,
 )
+from data.records import encode_example
 from data.sampler import PKSampler
 from data.sources import image_folder, tfrecord
 from tests.cross_replica_case import mirrored
@@ -106,14 +107,6 @@ def _png(i: int) -> bytes:
     return tf.io.encode_png(rng.integers(0, 255, size=(12, 10, 3), dtype=np.uint8)).numpy()
 
 
-def _example(png: bytes, label: int) -> bytes:
-    feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
-        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
 def same_images_as_folder_and_records(root, classes=4, per_class=5, files=3):
     """The same PNGs as an image folder and as `files` TFRecord files, in the same order."""
     records = []
@@ -122,7 +115,7 @@ def same_images_as_folder_and_records(root, classes=4, per_class=5, files=3):
         for i in range(per_class):
             png = _png(c * 100 + i)
             (root / "folder" / str(c) / f"{i}.png").write_bytes(png)
-            records.append(_example(png, c))
+            records.append(encode_example(png, c))
     (root / "records").mkdir()
     for f, part in enumerate(np.array_split(np.arange(len(records)), files)):
         with tf.io.TFRecordWriter(str(root / "records" / f"part-{f}.tfrecord")) as writer:
@@ -167,7 +160,7 @@ def test_tfrecord_mistakes_name_the_file_or_key(tmp_path):
     with tf.io.TFRecordWriter(
         str(tmp_path / "zipped.tfrecord"), tf.io.TFRecordOptions(compression_type="GZIP")
     ) as writer:
-        writer.write(_example(_png(0), 0))
+        writer.write(encode_example(_png(0), 0))
     with pytest.raises(InputError, match="zipped.tfrecord"):
         tfrecord(str(tmp_path / "zipped.tfrecord"))
 
@@ -281,7 +274,7 @@ def _tfrecords(root, classes=4, per_class=6):
         with tf.io.TFRecordWriter(str(root / f"part-{f}.tfrecord")) as writer:
             for c in range(classes):
                 for i in range(per_class // 2):
-                    writer.write(_example(_png(c * 100 + f * 10 + i), c))
+                    writer.write(encode_example(_png(c * 100 + f * 10 + i), c))
     return str(root / "*.tfrecord")
 
 
@@ -452,7 +445,7 @@ def test_a_job_over_2000_shards_trains_and_evaluates_under_ulimit_256(tmp_path):
     root.mkdir()
     for f in range(2000):
         with tf.io.TFRecordWriter(str(root / f"part-{f:05d}.tfrecord")) as writer:
-            writer.write(_example(_png(f), f % 4))
+            writer.write(encode_example(_png(f), f % 4))
     pattern = str(root / "*.tfrecord")
     params = (
         "distribute.strategy='single'",

@@ -359,10 +359,16 @@ def test_a_failure_only_one_rank_meets_is_shown_with_its_rank_and_host(tmp_path,
     assert "Traceback" not in done.stderr
 
 
-def _job_with_a_users_model(tmp_path, monkeypatch, module_source: str, params=()):
-    """Runs the digits job with `train.model = @my_models.build`, `my_models` being
-    `module_source` written outside the project and imported by the user's config."""
-    (tmp_path / "my_models.py").write_text(module_source)
+def _job_with_a_users_model(tmp_path, monkeypatch, layers: list[str], params=()):
+    """Runs the digits job with `train.model = @my_models.build`, `my_models` written
+    outside the project (a gin-registered `build(width)` of a Sequential of `layers`,
+    Python expressions) and imported by the user's config, which sets width 8."""
+    (tmp_path / "my_models.py").write_text(
+        "import gin\nimport keras\n\n@gin.configurable\ndef build(width=16):\n"
+        "    return keras.Sequential([\n"
+        + "".join(f"        {layer},\n" for layer in ["keras.Input((8, 8, 1))", *layers])
+        + "    ])\n"
+    )
     config = tmp_path / "my_job.gin"
     config.write_text(
         "include 'digits.gin'\nimport my_models\n\n"
@@ -379,16 +385,11 @@ def test_a_users_own_model_from_a_module_outside_the_project(tmp_path, monkeypat
     done = _job_with_a_users_model(
         tmp_path,
         monkeypatch,
-        "import gin\n"
-        "import keras\n\n"
-        "@gin.configurable\n"
-        "def build(width=16):\n"
-        "    return keras.Sequential([\n"
-        "        keras.Input((8, 8, 1)),\n"
-        "        keras.layers.Conv2D(width, 3, padding='same', activation='relu'),\n"
-        "        keras.layers.GlobalAveragePooling2D(),\n"
-        "        keras.layers.UnitNormalization(),\n"
-        "    ], name='my_net')\n",
+        [
+            "keras.layers.Conv2D(width, 3, padding='same', activation='relu')",
+            "keras.layers.GlobalAveragePooling2D()",
+            "keras.layers.UnitNormalization()",
+        ],
         ("train.export_model=False",),
     )
     assert "80 parameters" in done.stdout  # 3*3*1*8 + 8: the width-8 net, not width 16
@@ -399,19 +400,12 @@ def test_a_users_own_model_from_a_module_outside_the_project(tmp_path, monkeypat
 # BatchNorm whose moving statistics stay where they started (momentum ~1) after a layer
 # whose outputs sit far from 0: in training mode the batch statistics spread the
 # embeddings, at inference every image maps to nearly the same vector.
-STALE_BATCHNORM_MODEL = (
-    "import gin\n"
-    "import keras\n\n"
-    "@gin.configurable\n"
-    "def build(width=16):\n"
-    "    return keras.Sequential([\n"
-    "        keras.Input((8, 8, 1)),\n"
-    "        keras.layers.Flatten(),\n"
-    "        keras.layers.Dense(width, bias_initializer=keras.initializers.Constant(1000.0)),\n"
-    "        keras.layers.BatchNormalization(momentum=0.9999),\n"
-    "        keras.layers.UnitNormalization(),\n"
-    "    ])\n"
-)
+STALE_BATCHNORM_MODEL = [
+    "keras.layers.Flatten()",
+    "keras.layers.Dense(width, bias_initializer=keras.initializers.Constant(1000.0))",
+    "keras.layers.BatchNormalization(momentum=0.9999)",
+    "keras.layers.UnitNormalization()",
+]
 
 
 @pytest.mark.parametrize("precise", [0, 2])

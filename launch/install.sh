@@ -108,7 +108,7 @@ STAMP_KEY="$(printf '%s\n' "$(sha1sum "${BASH_SOURCE[0]}" | cut -c1-40)" "$TF_PA
 STAMP="$VENV/.installed-$STAMP_KEY"
 # The wheel's key: Horovod, the TensorFlow package it was built against (tensorflow-cpu
 # or the CUDA build, tensorflow) and its version, Python and the GPU operations.
-TF_DIST="${TF_PACKAGE%%[[=<>~! ]*}"
+TF_DIST="$(basename "${TF_PACKAGE%%[[=<>~! ]*}")"  # a wheel file given as TF_PACKAGE: its name
 wheel_key() { echo "horovod-${HOROVOD_VERSION}-${TF_DIST}-$1-${PY_TAG}-${OPS_KEY}"; }
 
 if [[ $PLAN -eq 1 ]]; then

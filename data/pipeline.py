@@ -219,14 +219,15 @@ def _decoded(source: Source, keys, rows: tf.data.Dataset, size, prepare) -> tf.d
     )
     if source.kind == "pixels":
         return prepared.batch(size)
-    key_spec, image_spec = prepared.ignore_errors().element_spec
+    survivors = prepared.ignore_errors()
+    key_spec, image_spec = survivors.element_spec
     nothing = tf.data.Dataset.from_tensors(
         (
             tf.zeros([0], key_spec.dtype),
             tf.zeros([0, *[d or 0 for d in image_spec.shape]], image_spec.dtype),
         )
     )
-    return prepared.ignore_errors().batch(size).concatenate(nothing).take(1)
+    return survivors.batch(size).concatenate(nothing).take(1)
 
 
 def _every_row(batches, expected, source: Source, prepare, prepare_encoded=None):
@@ -246,11 +247,12 @@ def _every_row(batches, expected, source: Source, prepare, prepare_encoded=None)
     substitute_of = None
     for (keys, images), (expected_keys, indices, *args) in zip(batches, expected, strict=True):
         labels = tf.constant(source.labels[indices])
-        positions = keys.numpy() - expected_keys[0]
+        keys = keys.numpy()
+        positions = keys - expected_keys[0]
         inside = (positions >= 0) & (positions < len(expected_keys))
-        if not inside.all() or np.any(expected_keys[positions[inside]] != keys.numpy()):
+        if not inside.all() or np.any(expected_keys[positions[inside]] != keys):
             raise RuntimeError(
-                f"the input pipeline gave rows {keys.numpy()[:5].tolist()}... for the batch of "
+                f"the input pipeline gave rows {keys[:5].tolist()}... for the batch of "
                 f"rows {expected_keys[0]}..{expected_keys[-1]}: its batches are out of order"
             )
         ok = np.zeros(len(indices), bool)
@@ -494,12 +496,8 @@ def _decodable(source: Source, start: int, end: int, log, every_seconds: float =
     # A failure is corrupt only if the bytes read and do not decode; an I/O error is
     # retried, and stops the job (never cached as corrupt) if it persists.
     for offset in np.flatnonzero(~good):
-        raw = raw_bytes(source, start + int(offset))
-        try:
-            ImagePreprocessing.decode(tf.constant(encoded_image(source, raw)))
-            good[offset] = True
-        except (tf.errors.OpError, ValueError):
-            pass
+        recovered = _read_again(source, start + offset, ImagePreprocessing.decode, [])
+        good[offset] = recovered is not None
     return good
 
 

@@ -368,7 +368,6 @@ def test_a_job_whose_slice_has_no_readable_row_goes_on_with_its_labels(tmp_path,
     a broken class, and trains to the end."""
     import re
 
-    from data.sampler import PKSampler
     from tests.jobs import HOROVOD_2, run_job
 
     root = _folder(tmp_path / "images", classes=4, per_class=4)
@@ -439,7 +438,7 @@ def test_a_job_over_2000_shards_trains_and_evaluates_under_ulimit_256(tmp_path):
     import shlex
     import subprocess
 
-    from tests.jobs import ROOT, job_command, job_env
+    from tests.jobs import job_command
 
     root = tmp_path / "shards"
     root.mkdir()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the project needs into .venv at the repo root:
-# TensorFlow (the CUDA build where nvidia-smi lists GPUs, else the CPU build), the Python
-# tools, and Horovod 0.28.1 built from its source release with TensorFlow + Gloo (+ NCCL
+# TensorFlow (the CUDA build where nvidia-smi lists GPUs, else the CPU build), faiss for
+# approximate search (its GPU build likewise), the Python tools, and Horovod 0.28.1 built from its source release with TensorFlow + Gloo (+ NCCL
 # on GPU machines that have it). A second run with the same settings does nothing (stamp
 # file keyed by this script, the TensorFlow package, Horovod's GPU operations and the
 # Python version); the Horovod wheel is cached under the same kind of key, so a rebuilt
@@ -13,6 +13,8 @@
 # Environment:
 #   TF_PACKAGE              pip spec for TensorFlow (default: 'tensorflow[and-cuda]==2.21.*'
 #                           where nvidia-smi lists GPUs, else 'tensorflow-cpu==2.21.*')
+#   FAISS_PACKAGE           pip spec for faiss (default: 'faiss-gpu-cu12==1.14.1.post1' where
+#                           nvidia-smi lists GPUs, else 'faiss-cpu==1.15.1')
 #   HOROVOD_GPU_OPERATIONS  Horovod's GPU collectives: NCCL by default where there are GPUs,
 #                           NCCL and the CUDA toolkit are found; '' for none (host memory)
 #   HOROVOD_NCCL_HOME       where NCCL is (include/nccl.h, lib/libnccl.so*), if not in /usr
@@ -54,6 +56,8 @@ else
   DEFAULT_TF="tensorflow-cpu==$TF_VERSION_SPEC"
 fi
 TF_PACKAGE="${TF_PACKAGE:-$DEFAULT_TF}"
+if [[ $GPU_COUNT -gt 0 ]]; then DEFAULT_FAISS="faiss-gpu-cu12==1.14.1.post1"; else DEFAULT_FAISS="faiss-cpu==1.15.1"; fi
+FAISS_PACKAGE="${FAISS_PACKAGE:-$DEFAULT_FAISS}"
 if [[ $TF_PACKAGE == "$DEFAULT_TF" ]]; then TF_WHY="default for this machine"; else TF_WHY="from TF_PACKAGE"; fi
 case "$TF_PACKAGE" in
   tensorflow-cpu*) OTHER_TF=tensorflow ;;   # the two builds share the tensorflow/ folder:
@@ -104,7 +108,7 @@ PY_VERSION="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_i
 PY_TAG="cp${PY_VERSION/./}"
 # The stamp names everything that changes what gets installed.
 STAMP_KEY="$(printf '%s\n' "$(sha1sum "${BASH_SOURCE[0]}" | cut -c1-40)" "$TF_PACKAGE" "$OPS_KEY" \
-  "$PY_VERSION" | sha1sum | cut -c1-12)"
+  "$PY_VERSION" "$FAISS_PACKAGE" | sha1sum | cut -c1-12)"
 STAMP="$VENV/.installed-$STAMP_KEY"
 # The wheel's key: Horovod, the TensorFlow package it was built against (tensorflow-cpu
 # or the CUDA build, tensorflow) and its version, Python and the GPU operations.
@@ -126,6 +130,7 @@ if [[ $PLAN -eq 1 ]]; then
   fi
   echo "machine:          $MACHINE"
   echo "tensorflow:       $TF_PACKAGE ($TF_WHY)"
+  echo "faiss:            $FAISS_PACKAGE ($([[ $FAISS_PACKAGE == "$DEFAULT_FAISS" ]] && echo 'default for this machine' || echo 'from FAISS_PACKAGE'))"
   echo "horovod:          $HOROVOD_VERSION with TensorFlow and Gloo, MPI off"
   echo "gpu operations:   ${GPU_OPS:-none} ($OPS_WHY)"
   echo "horovod wheel:    $wheel_plan"
@@ -142,6 +147,7 @@ fi
 PY_PACKAGES=(
   "$TF_PACKAGE" "tensorboard" "absl-py>=1.0" "gin-config>=0.5" "scikit-learn>=1.3"
   "numpy" "pillow" "pytest>=7" "pytest-xdist>=3" "ruff"
+  "$FAISS_PACKAGE" "matplotlib==3.11.2"  # approximate search; the ROC curve in TensorBoard
   # Horovod's runtime dependencies, installed here because its wheel is installed --no-deps.
   "cloudpickle" "psutil" "pyyaml" "packaging"
 )
@@ -238,7 +244,8 @@ cuda = f"CUDA {b.get('cuda_version')} / cuDNN {b.get('cudnn_version')} build"
 print(cuda if b.get("is_cuda_build") else "CPU build")
 PY
 )"
-SUMMARY="TensorFlow $TF_VERSION ($TF_BUILD, $TF_PACKAGE); Horovod $HOROVOD_VERSION ($HOROVOD_BUILT)"
+FAISS_BUILT="$("$VENV/bin/python" -c 'import faiss; print(faiss.__version__, "GPU build" if hasattr(faiss, "StandardGpuResources") else "CPU build")')"
+SUMMARY="TensorFlow $TF_VERSION ($TF_BUILD, $TF_PACKAGE); Horovod $HOROVOD_VERSION ($HOROVOD_BUILT); faiss $FAISS_BUILT"
 rm -f "$VENV"/.installed-*
 printf '%s\n' "$SUMMARY" > "$STAMP"
 log "installed: $SUMMARY"

@@ -88,6 +88,7 @@ def test_plan_on_a_cpu_machine_is_the_cpu_build_without_gpu_operations(tmp_path)
     assert decided["tensorflow"].strip() == "tensorflow-cpu==2.21.* (default for this machine)"
     assert decided["gpu operations"].strip().startswith("none (no GPU")
     assert decided["horovod wheel"].strip().endswith("-cpu")
+    assert decided["faiss"].strip() == "faiss-cpu==1.15.1 (default for this machine)"
 
 
 def test_plan_on_a_gpu_machine_with_nccl_is_the_cuda_build_with_nccl(tmp_path):
@@ -96,6 +97,7 @@ def test_plan_on_a_gpu_machine_with_nccl_is_the_cuda_build_with_nccl(tmp_path):
     assert decided["tensorflow"].strip().startswith("tensorflow[and-cuda]==2.21.*")
     assert decided["gpu operations"].strip().startswith(f"NCCL (NCCL in {tmp_path / 'nccl'}")
     assert decided["horovod wheel"].strip().endswith("-nccl")
+    assert decided["faiss"].strip() == "faiss-gpu-cu12==1.14.1.post1 (default for this machine)"
 
 
 def test_plan_on_a_gpu_machine_without_nccl_says_so_plainly(tmp_path):
@@ -124,6 +126,7 @@ def test_the_stamp_changes_with_the_tensorflow_package_and_gpu_operations(tmp_pa
     assert venv.strip().startswith("up to date (TensorFlow 2.21")
     assert "CPU build" in venv and "Horovod 0.28.1 (frameworks TensorFlow;" in venv
     assert "PyTorch" not in venv  # --check-build claims it; torch is not installed
+    assert venv.rstrip().endswith("faiss 1.15.1 CPU build)")
     other_package = plan(tmp_path, TF_PACKAGE="tensorflow[and-cuda]==2.21.*")["venv"]
     other_operations = plan(tmp_path, HOROVOD_GPU_OPERATIONS="NCCL")["venv"]
     for venv in (other_package, other_operations):

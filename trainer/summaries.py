@@ -40,6 +40,12 @@ class Summaries:
                     if value.size:
                         tf.summary.histogram(tag, value)
 
+    def image(self, tag: str, png: bytes | None, step: int) -> None:
+        """A PNG (e.g. a plot) for the Images tab."""
+        with self._context(step) as writer:
+            if writer is not None and png is not None:
+                tf.summary.image(tag, tf.io.decode_png(png, channels=3)[None], max_outputs=1)
+
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         with self._context(step) as writer:
             if writer is not None:

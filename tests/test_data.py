@@ -318,6 +318,7 @@ def test_the_in_shop_config_builds_both_splits(tmp_path):
     import gin
 
     import trainer.config  # noqa: F401
+    from trainer.evaluation import common_labels, evaluation
 
     root = write_inshop(tmp_path / "inshop")
     gin.clear_config()
@@ -328,8 +329,13 @@ def test_the_in_shop_config_builds_both_splits(tmp_path):
         )
         with gin.config_scope("train_split"):
             train = list_file()
-        with gin.config_scope("eval_split"):
-            evaluation = list_file()
+        with gin.config_scope("query_split"):
+            queries = list_file()
+        settings = evaluation()
+        gallery = settings.gallery()
     finally:
         gin.clear_config()
-    assert (len(train), len(evaluation)) == (4, 3)
+    assert (len(train), len(queries), len(gallery)) == (4, 1, 2)
+    assert settings.ks == (1, 10, 20, 30)  # In-Shop's published ks
+    query_labels, gallery_labels = common_labels(queries, gallery)  # matched by item id
+    assert query_labels[0] == gallery_labels[0] != gallery_labels[1]

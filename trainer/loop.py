@@ -22,6 +22,7 @@ from data.errors import InputError
 from data.pipeline import listed, train_batches, unreadable
 from losses import LOSS_CLASSES, PROXY_LOSS_CLASSES, TripletSemiHardLoss
 from trainer.batchnorm import COLLAPSED, BatchNormStatistics
+from trainer.evaluation import evaluation
 from trainer.job_data import JobData, load_data
 from trainer.learner import OPTIMIZERS, PRECISIONS, Learner, build_learner
 from trainer.model import digits_convnet
@@ -59,8 +60,6 @@ def train(
     reference_batch_size: int = 256,
     precision: str | None = None,
     synchronized_batchnorm: bool = False,
-    recall_k: int = 4,
-    eval_chunk_size: int = 512,
     keep_checkpoints: int = 3,
     progress_seconds: float = 10.0,
     export_model: bool = True,
@@ -87,6 +86,7 @@ def train(
     `precise_batchnorm_batches` training batches before each evaluation (0: off; see
     trainer/batchnorm.py). A proxy loss's class centres learn at
     `centre_learning_rate_multiplier` × the model's rate (Proxy-Anchor's authors use 100).
+    The evaluation's settings are the configurable `evaluation` (trainer/evaluation.py).
     """
     settings = dict(locals())
     _check_types(train, settings)
@@ -94,6 +94,7 @@ def train(
     started = time.time()
     loss = loss if loss is not None else TripletSemiHardLoss(margin=0.2, distance="cosine")
     _check_minable(loss, cross_replica_mining, cross_batch_memory)
+    evaluating = evaluation()
 
     def say(*args, **kwargs):  # the chief's voice (in an elastic job the chief can change)
         if replicas.is_chief:
@@ -108,6 +109,8 @@ def train(
         examples_per_class,
         seed,
         say,
+        gallery=evaluating.gallery,
+        pairs_file=evaluating.pairs,
     )
     learner = build_learner(
         replicas,
@@ -136,11 +139,11 @@ def train(
         data,
         learner,
         loss.distance,
-        recall_k,
-        eval_chunk_size,
+        evaluating,
         keep_checkpoints,
         export_model,
         say,
+        seed,
     )
     say(
         f"replicas: {replicas.size} ({replicas.name}), global batch {global_batch_size} = "
@@ -235,8 +238,6 @@ _AT_LEAST_ONE = (
     "checkpoint_every",
     "eval_every",
     "elastic_commit_every",
-    "recall_k",
-    "eval_chunk_size",
     "keep_checkpoints",
     "stop_after_steps",
     "reference_batch_size",

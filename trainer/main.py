@@ -28,6 +28,11 @@ from trainer.replicas import make_replicas  # noqa: E402
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 DEFAULT_JOB = "digits"  # gin/digits.gin: the embedded default job
+# Bindings that moved, and where to: a config that still uses the old name is told.
+MOVED = {
+    "train.recall_k": "evaluation.recall_k",
+    "train.eval_chunk_size": "evaluation.chunk_size",
+}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file; a bare name is looked up in gin/.")
@@ -57,6 +62,10 @@ def parse_config(files, params) -> None:
     try:
         gin.parse_config_files_and_bindings(paths, params, finalize_config=True)
     except (ValueError, KeyError, SyntaxError, NameError) as error:  # gin's own errors
+        for old, new in MOVED.items():
+            configurable, parameter = old.split(".")
+            if f"'{configurable}' doesn't have a parameter named '{parameter}'" in str(error):
+                raise UsageError(f"{old} is now {new}: rename it in the config.") from error
         raise UsageError(f"bad gin config: {error}") from error
     finally:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines drown the progress

@@ -17,7 +17,7 @@ import tensorflow as tf
 from data.pipeline import eval_batches
 from trainer import export
 from trainer.checkpoints import Checkpoints
-from trainer.evaluation import Evaluator
+from trainer.evaluation import Evaluator, format_figures
 from trainer.summaries import Summaries
 
 
@@ -37,11 +37,11 @@ def open_outputs(
     data,
     learner,
     distance: str,
-    recall_k: int,
-    eval_chunk_size: int,
+    evaluating,
     keep_checkpoints: int,
     export_model: bool,
     say,
+    seed: int = 0,
 ) -> Outputs:
     """Creates the workdir, restores the last checkpoint and records the operative config.
     Called only once the whole configuration has checked out, so a mistake writes nothing."""
@@ -65,9 +65,7 @@ def open_outputs(
         with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
             f.write(operative)
         summaries.text("config/operative_config", "```\n" + operative + "\n```", first_step)
-    evaluate = Evaluator(
-        learner.model, replicas, data, distance, recall_k, eval_chunk_size, summaries, say
-    )
+    evaluate = Evaluator(learner.model, replicas, data, distance, evaluating, summaries, say, seed)
     return Outputs(workdir, checkpoints, summaries, evaluate, first_step, export_model)
 
 
@@ -109,7 +107,7 @@ def check_export(path: str, embeddings, data, rows: int = 64, tolerance: float =
 
 def final_summary(outputs: Outputs, results: dict, seconds: float) -> str:
     workdir = outputs.workdir
-    figures = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
+    figures = format_figures(results)
     lines = [
         f"done in {duration(seconds)}: {figures}",
         f"  workdir      {workdir}",

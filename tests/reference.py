@@ -24,6 +24,17 @@ def distance(u, v, name):
 metric = distance  # for functions whose `distance` argument is the name
 
 
+def average_precision_at_r(relevant, r):
+    """AP@R of a ranking (its relevance, nearest first) with R relevant items:
+    (1/R) Σ_{i <= R} P@i · [rank i is relevant]."""
+    hits, total = 0, 0.0
+    for i in range(r):
+        if relevant[i]:
+            hits += 1
+            total += hits / (i + 1)
+    return total / r
+
+
 def distance_matrix(x, name):
     n = len(x)
     return np.array([[distance(x[i], x[j], name) for j in range(n)] for i in range(n)])

@@ -6,6 +6,7 @@ import pytest
 
 from data.sources import digits
 from tests.cross_replica_case import mirrored
+from tests.reference import average_precision_at_r
 from trainer.evaluation import embed_source, embedding_function, eval_chunks, retrieval_metrics
 from trainer.replicas import Replicas
 
@@ -31,12 +32,7 @@ def reference_metrics(embeddings, labels, ks, distance="cosine"):
             recall[k] += any(relevant[:k]) / n
         r = sum(relevant)
         if r:
-            hits, total = 0, 0.0
-            for i in range(r):
-                if relevant[i]:
-                    hits += 1
-                    total += hits / (i + 1)
-            average_precisions.append(total / r)
+            average_precisions.append(average_precision_at_r(relevant, r))
     return {**{f"recall@{k}": recall[k] for k in ks}, "map@r": float(np.mean(average_precisions))}
 
 

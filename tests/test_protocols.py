@@ -22,6 +22,7 @@ from trainer.neighbours import ApproximateIndex, SearchSettings
 def reference_query_gallery(queries, query_labels, gallery, gallery_labels, ks, distance):
     """Recall@k and MAP@R of each query against the gallery by plain loops (ties broken by
     gallery index); queries whose class is not in the gallery left out, and counted."""
+    from tests.reference import average_precision_at_r
     from tests.reference import distance as between
 
     recall, average_precisions, left_out = dict.fromkeys(ks, 0), [], 0
@@ -35,12 +36,7 @@ def reference_query_gallery(queries, query_labels, gallery, gallery_labels, ks, 
         relevant = [gallery_labels[i] == label for i in ranked]
         for k in ks:
             recall[k] += any(relevant[:k])
-        hits, total = 0, 0.0
-        for i in range(relevant_count):
-            if relevant[i]:
-                hits += 1
-                total += hits / (i + 1)
-        average_precisions.append(total / relevant_count)
+        average_precisions.append(average_precision_at_r(relevant, relevant_count))
     kept = len(queries) - left_out
     metrics = {f"recall@{k}": recall[k] / kept for k in ks}
     return {**metrics, "map@r": float(np.mean(average_precisions))}, left_out

@@ -118,29 +118,24 @@ class Ranking:
         classes, counts = np.unique(key_labels, return_counts=True)
         position = np.minimum(np.searchsorted(classes, query_labels), len(classes) - 1)
         in_keys = classes[position] == query_labels
-        r = np.where(in_keys, counts[position], 0) - (1 if self.all_against_all else 0)
-        if not self.all_against_all:  # left out: ranked by nobody, counted
+        self.self_rows = 1 if self.all_against_all else 0  # one neighbour more: the query
+        r = np.where(in_keys, counts[position], 0) - self.self_rows
+        self.left_out = 0  # queries whose class has no key: ranked by nobody, counted
+        if not self.all_against_all:
             self.left_out = int((~in_keys).sum())
             if self.left_out == len(query_labels):
                 raise ValueError(
                     f"None of the {len(query_labels)} queries has its class in the gallery."
                 )
             self.queries, query_labels, r = self.queries[in_keys], query_labels[in_keys], r[in_keys]
-        else:
-            self.left_out = 0
-        self.self_rows = 1 if self.all_against_all else 0  # one neighbour more: the query
         self.r = r.astype(np.int32)
         self.ks = tuple(ks)
         self.depth = min(max(int(self.r.max()), *self.ks), n - self.self_rows)
         self.chunk = max(1, min(chunk, MAX_DISTANCES_PER_CHUNK // n))
         self.labels, self.query_labels = key_labels, query_labels
         self.distance = distance
-        self.index = (
-            None
-            if search is None or search.exact
-            else (ApproximateIndex(self.embeddings, distance, search))
-        )
-        self.search = search
+        exact = search is None or search.exact
+        self.index = None if exact else ApproximateIndex(self.embeddings, distance, search)
         self._keys, self._key_labels = {}, {}
         self._rank = tf.function(self._rank_chunk, reduce_retracing=True)
         self._score = tf.function(self._score_nearest, reduce_retracing=True)

@@ -101,6 +101,7 @@ def bench_search(gallery_size: int, queries: int, latent: int | None) -> None:
     import tensorflow as tf
 
     from losses import pairwise_distances
+    from trainer.evaluation import MAX_DISTANCES_PER_CHUNK
     from trainer.neighbours import ApproximateIndex, SearchSettings, recall_of_exact
 
     x, _ = clustered(
@@ -114,10 +115,12 @@ def bench_search(gallery_size: int, queries: int, latent: int | None) -> None:
     )
     keys_tensor = tf.constant(keys)
 
+    chunk = max(1, MAX_DISTANCES_PER_CHUNK // gallery_size)  # as the evaluation chunks
+
     def exact_top(q):
         ids = []
-        for first in range(0, len(q), 256):
-            d = pairwise_distances(tf.constant(q[first : first + 256]), keys_tensor, "cosine")
+        for first in range(0, len(q), chunk):
+            d = pairwise_distances(tf.constant(q[first : first + chunk]), keys_tensor, "cosine")
             ids.append(tf.math.top_k(-d, 10)[1].numpy())
         return np.concatenate(ids)
 

@@ -110,6 +110,37 @@ def test_an_approximate_search_job_reports_its_recall_of_exact(tmp_path):
     assert set(scalars(workdir, "eval/search_recall_of_exact")) == {2}
 
 
+def test_an_empty_gallery_split_is_named(tmp_path):
+    from tests.test_data import write_inshop
+
+    root = write_inshop(tmp_path / "inshop")
+    params = (
+        f"INSHOP_ROOT='{root}'",
+        "gallery_split/list_file.keep_values=('nothing',)",
+        "distribute.strategy='single'",
+    )
+    done = run_job(tmp_path / "job", params, extra=("--gin_file=inshop",), check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "list_eval_partition.txt lists no image (after the filters)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_gallery_left_empty_by_skipped_images_is_named(tmp_path):
+    (tmp_path / "gallery" / "6").mkdir(parents=True)
+    (tmp_path / "gallery" / "6" / "broken.png").write_bytes(b"not an image")
+    params = (
+        "evaluation.gallery=@gallery_split/image_folder",
+        f"gallery_split/image_folder.root='{tmp_path / 'gallery'}'",
+        "verify_images.on_corrupt='skip'",
+        "distribute.strategy='single'",
+    )
+    done = run_job(tmp_path / "job", params, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"evaluation.gallery: image_folder({tmp_path / 'gallery'}) holds no examples" in (
+        done.stderr
+    )
+
+
 @pytest.mark.parametrize(
     "param, message",
     [

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 from data import cached_work, reading
+from data.errors import InputError
 from data.pipeline import corrupt_policy, preprocessing_for, verify_images
 from data.sampler import PKSampler
 from data.sources import Source, digits
@@ -56,6 +57,12 @@ def load_data(
         if gallery is not None:
             gallery_source, corrupt_gallery = verify_images(gallery(), log=say)
             corrupt_eval = corrupt_eval + corrupt_gallery
+    for setting, source in (
+        ("train.eval_data", eval_source),
+        ("evaluation.gallery", gallery_source),
+    ):
+        if source is not None and not len(source):
+            raise InputError(f"{setting}: {source.name} holds no examples to evaluate.")
     for name in (corrupt + corrupt_eval)[:5]:
         say(f"  skipped corrupt image {name}")
     if corrupt or corrupt_eval:

@@ -33,6 +33,7 @@ bench: install
 	$(PYTHON) -m bench.quality
 	$(PYTHON) -m bench.real
 	$(PYTHON) -m bench.centres
+	$(PYTHON) -m bench.protocols
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -89,6 +89,21 @@ def phases(by_step: dict) -> list[tuple[int, int, int]]:
     return [tuple(r) for r in runs]
 
 
+def replayed_by_stretches(reference, history: list, params: tuple) -> dict:
+    """{step: loss} of the same history without elastic Horovod: each stretch run on its
+    own with one process or two (horovod.sh 2), resuming from the checkpoint of the one
+    before. Same replica counts at the same steps, so the same sums in the same order."""
+    for count, first_step, last_step in history:
+        strategy = "single" if count == 1 else "auto"
+        stretch = (
+            *params,
+            f"distribute.strategy='{strategy}'",
+            f"train.stop_after_steps={last_step - first_step + 1}",
+        )
+        run_job(reference, stretch, HOROVOD_2 if count == 2 else ())
+    return scalars(reference, "train/loss")
+
+
 def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
     hosts, discover = discovery_script(tmp_path, "localhost:1\n")
     workdir = tmp_path / "elastic"
@@ -133,16 +148,8 @@ def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
     # loss must be the same at every step. (Against one uninterrupted process it agrees
     # only up to float rounding: two workers sum in another order, and training amplifies
     # that, to ~1e-4 relative after 50 steps.)
-    reference = tmp_path / "reference"
-    for count, first_step, last_step in history:
-        strategy = "single" if count == 1 else "auto"
-        params = (
-            *ELASTIC_JOB,
-            f"distribute.strategy='{strategy}'",
-            f"train.stop_after_steps={last_step - first_step + 1}",
-        )
-        run_job(reference, params, HOROVOD_2 if count == 2 else ())
-    expected, got = scalars(reference, "train/loss"), scalars(workdir, "train/loss")
+    expected = replayed_by_stretches(tmp_path / "reference", history, ELASTIC_JOB)
+    got = scalars(workdir, "train/loss")
     assert sorted(got) == sorted(expected) == list(range(1, stopped + 1))
     differences = [abs(got[s] - expected[s]) / abs(expected[s]) for s in range(1, stopped + 1)]
     print(
@@ -308,10 +315,13 @@ def test_an_elastic_job_reshards_a_proxy_loss_s_centres(tmp_path):
     assert [count for count, _, _ in history] == [1, 2, 1], history
     got = scalars(workdir, "train/loss")
     assert sorted(got) == list(range(1, stopped + 1))
-    single = tmp_path / "single"
-    run_job(single, (*params, "distribute.strategy='single'", f"train.stop_after_steps={stopped}"))
-    want = scalars(single, "train/loss")
+    # Against one uninterrupted device the curve agrees only up to float rounding, which
+    # Adam and ArcFace's scale amplify with every step (6e-4 relative by step 84 of a run
+    # whose second worker joined late, at step 71). Replayed stretch by stretch, the
+    # 2-worker stretch resumes the 1-worker checkpoint and reshards the centres as the
+    # elastic job did in memory: every step must then agree.
+    want = replayed_by_stretches(tmp_path / "reference", history, params)
     worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in got)
-    print(f"{history}: largest relative loss difference from one device {worst:.1e}")
+    print(f"{history}: largest relative loss difference from the replay {worst:.1e}")
     for step in range(1, stopped + 1):
-        np.testing.assert_allclose(got[step], want[step], rtol=1e-4, err_msg=f"step {step}")
+        np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f"step {step}")

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import losses
 from trainer.global_loss import loss_and_gradients
+from trainer.grad_cache import embedding_pass
 from trainer.replicas import make_replicas
 
 
@@ -74,11 +75,19 @@ def single_device_step(loss, weights, x, labels):
 
 
 def replicated_step(
-    replicas, loss, weights, x, labels, cross_replica_mining=True, known_rows=False
+    replicas,
+    loss,
+    weights,
+    x,
+    labels,
+    cross_replica_mining=True,
+    known_rows=False,
+    embedding_chunk_size=None,
 ):
     """Global loss and the gradients summed over replicas, plus the share of chosen
     negatives that came from another replica. `known_rows` passes each replica's row
-    count to the gather (the trainer's path); without it the backend exchanges them."""
+    count to the gather (the trainer's path); without it the backend exchanges them.
+    `embedding_chunk_size`: each replica embeds that many rows at a time (GradCache)."""
     replica_rows = replicas.replica_rows(len(labels)) if known_rows else None
     with replicas.scope():
         model = build_model(x.shape[1])
@@ -96,6 +105,7 @@ def replicated_step(
             local_labels,
             cross_replica_mining,
             replica_rows=replica_rows,
+            embedding_pass=embedding_pass(model, embedding_chunk_size),
         )
         remote = tf.math.divide_no_nan(
             result.stats["remote_negatives"], result.stats["chosen_negatives"]

@@ -56,7 +56,15 @@ def embedding_net(seed=0):
 
 
 def fitted(
-    loss_name, strategy=None, cross_replica_mining=True, seed=0, x=None, y=None, jit="auto", **fit
+    loss_name,
+    strategy=None,
+    cross_replica_mining=True,
+    seed=0,
+    x=None,
+    y=None,
+    jit="auto",
+    embedding_chunk_size=None,
+    **fit,
 ):
     """A GlobalMiningModel (built in `strategy`'s scope, if any) after fit on `x, y`
     (the batches, in order, by default); returns the model and its History."""
@@ -64,7 +72,11 @@ def fitted(
         x, y = batches()
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
-        model = GlobalMiningModel(embedding_net(seed), cross_replica_mining=cross_replica_mining)
+        model = GlobalMiningModel(
+            embedding_net(seed),
+            cross_replica_mining=cross_replica_mining,
+            embedding_chunk_size=embedding_chunk_size,
+        )
         model.compile(
             optimizer=keras.optimizers.SGD(0.5), loss=MINED_LOSSES[loss_name](), jit_compile=jit
         )

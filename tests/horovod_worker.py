@@ -1,7 +1,8 @@
 """Run under horovodrun: one replicated step per loss; rank 0 writes the numbers.
 
-horovodrun -np N python -m tests.horovod_worker OUT.npz [LOSS,LOSS,...]
-(default: every loss of tests.cross_replica_case.LOSSES)
+horovodrun -np N python -m tests.horovod_worker OUT.npz [LOSS,LOSS,...] [CHUNK]
+(default: every loss of tests.cross_replica_case.LOSSES; CHUNK: the rows each worker
+embeds at a time, GradCache)
 """
 
 import sys
@@ -12,7 +13,7 @@ from tests.cross_replica_case import LOSSES, build_model, global_batch, replicat
 from trainer.replicas import make_replicas
 
 
-def main(out, names=None):
+def main(out, names=None, chunk=None):
     replicas = make_replicas("horovod")
     x, labels = global_batch()
     weights = build_model(x.shape[1]).get_weights()
@@ -23,7 +24,13 @@ def main(out, names=None):
         make_loss = LOSSES[name]
         for known_rows in row_modes(name):  # row counts exchanged, or given by the trainer
             loss_value, grads, _ = replicated_step(
-                replicas, make_loss(), weights, x, labels, known_rows=known_rows
+                replicas,
+                make_loss(),
+                weights,
+                x,
+                labels,
+                known_rows=known_rows,
+                embedding_chunk_size=int(chunk) if chunk else None,
             )
             key = f"{name}/{'known' if known_rows else 'exchanged'}"
             results[f"{key}/loss"] = np.array(loss_value)

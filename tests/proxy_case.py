@@ -26,8 +26,11 @@ def batches(steps=STEPS):
     return [global_batch(size=24, classes=6, seed=s) for s in range(steps)]
 
 
-def train(replicas: Replicas, loss_name: str, optimizer: str = "adam", steps=STEPS) -> dict:
-    """`steps` steps; the losses, the model's weights and the whole centres after them."""
+def train(
+    replicas: Replicas, loss_name: str, optimizer: str = "adam", steps=STEPS, chunk_size=None
+) -> dict:
+    """`steps` steps; the losses, the model's weights and the whole centres after them.
+    `chunk_size`: the step's train.embedding_chunk_size."""
     import keras
 
     loss = LOSSES[loss_name](seed=3)
@@ -36,7 +39,7 @@ def train(replicas: Replicas, loss_name: str, optimizer: str = "adam", steps=STE
         model = build_model()
         opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[optimizer](0.05)
     centres = ShardedCentres(loss, replicas, CLASSES, 8, optimizer, schedule=lambda _: 0.05)
-    step = TrainStep(model, opt, loss, replicas, centres=centres)
+    step = TrainStep(model, opt, loss, replicas, centres=centres, embedding_chunk_size=chunk_size)
     values = [step(x, labels)["loss"] for x, labels in batches(steps)]
     return {
         "losses": np.array(values),

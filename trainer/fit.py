@@ -25,6 +25,8 @@ import tensorflow as tf
 
 from trainer.class_centres import centres_for_optimizer
 from trainer.global_loss import loss_and_statistics
+from trainer.grad_cache import check_chunk_size
+from trainer.model import batchnorm_layers
 from trainer.placement import place_worker
 from trainer.proxy_loss import proxy_loss_and_statistics
 from trainer.replicas import HorovodReplicas, from_context, launched_by_horovodrun
@@ -50,6 +52,10 @@ class GlobalMiningModel(keras.Model):
     slice alone (the usual data-parallel behaviour, for comparison).
     `jit_compile_model=True` compiles the embedding model's forward and backward passes
     with XLA; the mining stays outside, as its shapes depend on the labels.
+    `embedding_chunk_size=n` embeds each replica's slice n rows at a time, twice, with
+    the loss's cached gradient (GradCache, trainer/grad_cache.py): the same loss and
+    gradients as unchunked (for a model without training BatchNorm), at one chunk's
+    activation memory, for about one extra forward pass.
     """
 
     def __init__(
@@ -57,6 +63,7 @@ class GlobalMiningModel(keras.Model):
         embedding_model: keras.Model,
         cross_replica_mining: bool = True,
         jit_compile_model: bool = False,
+        embedding_chunk_size: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -68,6 +75,11 @@ class GlobalMiningModel(keras.Model):
         self.embedding_model = embedding_model
         self.cross_replica_mining = bool(cross_replica_mining)
         self.jit_compile_model = bool(jit_compile_model)
+        self.embedding_chunk_size = check_chunk_size(  # an InputError is a ValueError
+            embedding_chunk_size, "GlobalMiningModel(embedding_chunk_size=...)"
+        )
+        if self.embedding_chunk_size is not None:
+            _refuse_synchronized_batchnorm(embedding_model)
         self._forward = model_forward(embedding_model, self.jit_compile_model)
         self.replicas = from_context()
         self._means = EpochMeans(FIT_METRICS)
@@ -181,6 +193,7 @@ class GlobalMiningModel(keras.Model):
             check_finite=False,  # fit's logs leave finite_gradients out
             forward=self._forward,
             centres=getattr(self, "centres", None),
+            embedding_chunk_size=self.embedding_chunk_size,
         )
         return self._logged(metrics)
 
@@ -229,6 +242,7 @@ class GlobalMiningModel(keras.Model):
             "embedding_model": keras.saving.serialize_keras_object(self.embedding_model),
             "cross_replica_mining": self.cross_replica_mining,
             "jit_compile_model": self.jit_compile_model,
+            "embedding_chunk_size": self.embedding_chunk_size,
         }
 
     @classmethod
@@ -263,6 +277,18 @@ class EpochMeans(keras.metrics.Metric):
 
     def get_config(self):
         return {**super().get_config(), "names": self.names}
+
+
+def _refuse_synchronized_batchnorm(model) -> None:
+    """A chunk never holds the global batch whose moments synchronized BatchNorm needs."""
+    synchronized = [layer.name for layer in batchnorm_layers(model) if layer.synchronized]
+    if synchronized:
+        raise ValueError(
+            "GlobalMiningModel(embedding_chunk_size=...) cannot be exact with synchronized "
+            f"BatchNorm ({synchronized[0]!r} and {len(synchronized) - 1} more): each chunk "
+            "would see only its own rows' moments. Freeze those layers (trainable=False), "
+            "use plain BatchNorm (per-chunk statistics), or leave the chunk size unset."
+        )
 
 
 def _inputs_and_labels(data):

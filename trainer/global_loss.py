@@ -24,6 +24,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from losses.mining import class_ids
+from trainer.grad_cache import EmbeddingPass
 from trainer.replicas import Replicas
 
 # Summed over replicas each step (in the gather's backward pass, or one all-reduce).
@@ -66,6 +67,7 @@ def loss_and_gradients(
     scale_loss=None,
     replica_rows=None,
     memory=None,
+    embedding_pass: EmbeddingPass | None = None,
 ) -> StepResult:
     """Runs inside `Replicas.run`: embeds this replica's slice, mines, differentiates.
 
@@ -75,9 +77,12 @@ def loss_and_gradients(
     `replica_rows` (rows held by each replica, in order; a Python tuple) lets the
     backend gather without first exchanging the row counts. `memory` (a
     trainer.key_memory.KeyMemory) adds past global batches to the keys, and takes this one.
+    `embedding_pass` (trainer.grad_cache) embeds the slice whole (the default) or in
+    chunks, and takes the gradient through it.
     """
+    passes = embedding_pass or EmbeddingPass()
     with tf.GradientTape() as tape:
-        embeddings = tf.cast(embed(inputs), tf.float32)  # mining is float32 anyway
+        embeddings = passes.embeddings(embed, tape, inputs)  # float32: so is the mining
         carrier = None
         if cross_replica_mining:
             carrier = tf.zeros([tf.shape(embeddings)[0], len(STATS)])
@@ -96,11 +101,11 @@ def loss_and_gradients(
         summed = replicas.all_reduce_sum(local)
         # Collectives must run in the same order on every replica, and nothing else
         # orders this one before the optimizer's all-reduce of the gradients.
-        grads = tape.gradient(target, variables)
+        grads = passes.gradient(tape, target, variables)
         with tf.control_dependencies([summed]):
             grads = [None if g is None else tf.identity(g) for g in grads]
     else:
-        *grads, carrier_grad = tape.gradient(target, [*variables, mined.carrier])
+        *grads, carrier_grad = passes.gradient(tape, target, variables, [mined.carrier])
         summed = carrier_grad[0]
     stats = dict(zip(STATS, tf.unstack(summed), strict=True))
     value = _loss_value(stats, cross_replica_mining)

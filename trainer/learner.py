@@ -15,7 +15,7 @@ from data.errors import InputError
 from losses import PROXY_LOSS_CLASSES
 from trainer.class_centres import ShardedCentres
 from trainer.key_memory import KeyMemory
-from trainer.model import sync_batchnorm
+from trainer.model import batchnorm_layers, sync_batchnorm
 from trainer.train_step import TrainStep
 
 OPTIMIZERS = {
@@ -96,6 +96,7 @@ def build_learner(
     jit_compile_model: bool = False,
     num_classes: int | None = None,
     centre_learning_rate_multiplier: float = 1.0,
+    embedding_chunk_size: int | None = None,
 ) -> Learner:
     """`model()` under `precision`, seeded, with the named optimizer on the warm-up/cosine
     schedule. `nonfinite='skip'` wraps the optimizer in a loss-scale optimizer of scale 1,
@@ -103,12 +104,19 @@ def build_learner(
     keeps that many examples of past global batches as extra keys. `jit_compile_model`
     compiles the model's forward and backward passes with XLA (not the mining). A proxy
     loss gets its centres sharded over the replicas: `num_classes` (the training data's)
-    unless the loss sets it, the width of the model's embeddings."""
+    unless the loss sets it, the width of the model's embeddings. `embedding_chunk_size`:
+    see trainer/grad_cache.py (refused with synchronized BatchNorm, which a chunk cannot
+    be exact with)."""
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(seed)
     with replicas.scope():
         embedding_model = model()
-        if synchronized_batchnorm or getattr(embedding_model, "synchronized_batchnorm", False):
+        synchronized = synchronized_batchnorm or getattr(
+            embedding_model, "synchronized_batchnorm", False
+        )
+        if embedding_chunk_size is not None:
+            _check_chunkable(embedding_model, synchronized, embedding_chunk_size, say)
+        if synchronized:
             say(f"synchronized BatchNorm in {sync_batchnorm(embedding_model, replicas)} layers")
         schedule = learning_rate_schedule(learning_rate, steps)
         opt = OPTIMIZERS[optimizer](
@@ -144,9 +152,29 @@ def build_learner(
         )
     step_fn = TrainStep(
         embedding_model, opt, loss, replicas, cross_replica_mining, memory, jit_compile_model,
-        centres, skip_nonfinite=nonfinite == "skip",
+        centres, skip_nonfinite=nonfinite == "skip", embedding_chunk_size=embedding_chunk_size,
     )  # fmt: skip
     return Learner(embedding_model, opt, schedule, step_fn, centres)
+
+
+def _check_chunkable(model, synchronized: bool, chunk_size: int, say) -> None:
+    """Synchronized BatchNorm takes its moments over the global batch, which no chunk
+    holds, so chunking it cannot be exact: refused. 'batch' BatchNorm is said plainly."""
+    layers = batchnorm_layers(model)
+    synchronized_layers = [layer.name for layer in layers if getattr(layer, "synchronized", 0)]
+    if layers and (synchronized or synchronized_layers):
+        raise InputError(
+            f"train.embedding_chunk_size={chunk_size} cannot be combined with synchronized "
+            f"BatchNorm ({len(layers)} layers): a chunk sees only its own rows' moments, never "
+            "the global batch's. Use batchnorm='frozen' (exact) or 'batch' (per-chunk "
+            "statistics), or leave train.embedding_chunk_size unset."
+        )
+    if layers:
+        say(
+            f"train.embedding_chunk_size={chunk_size}: the {len(layers)} BatchNorm layers "
+            f"take their statistics over each chunk of up to {chunk_size} rows (ghost "
+            "batches), not the replica's slice; frozen BatchNorm would be exact"
+        )
 
 
 def _sharded_centres(loss, replicas, model, num_classes, optimizer, schedule, weight_decay):

@@ -69,6 +69,7 @@ def train(
     jit_compile_model: bool = False,
     precise_batchnorm_batches: int = 50,
     centre_learning_rate_multiplier: float = 1.0,
+    embedding_chunk_size: int | None = None,
     assembled=None,
 ) -> dict:
     """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
@@ -87,6 +88,9 @@ def train(
     trainer/batchnorm.py). A proxy loss's class centres learn at
     `centre_learning_rate_multiplier` × the model's rate (Proxy-Anchor's authors use 100).
     The evaluation's settings are the configurable `evaluation` (trainer/evaluation.py).
+    `embedding_chunk_size` rows of a replica's slice are embedded at a time, twice, with
+    the loss's cached gradient (GradCache, trainer/grad_cache.py): the global batch is
+    then bounded by the mining's memory, not by the model's activations.
     """
     settings = dict(locals())
     _check_types(train, settings)
@@ -130,6 +134,7 @@ def train(
         jit_compile_model,
         num_classes=int(np.max(data.train_source.labels)) + 1 if len(data.train_source) else None,
         centre_learning_rate_multiplier=centre_learning_rate_multiplier,
+        embedding_chunk_size=embedding_chunk_size,
     )
     if assembled is not None:
         assembled()  # every configurable has been built: nothing more will read a binding
@@ -241,6 +246,7 @@ _AT_LEAST_ONE = (
     "keep_checkpoints",
     "stop_after_steps",
     "reference_batch_size",
+    "embedding_chunk_size",
 )
 
 

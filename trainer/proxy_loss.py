@@ -15,20 +15,33 @@ import tensorflow as tf
 
 from losses.mining import class_ids
 from trainer.global_loss import STATS, StepResult, gather_keys
+from trainer.grad_cache import EmbeddingPass
 
 
 def proxy_loss_and_gradients(
-    centres, replicas, embed, variables, inputs, labels, step, scale_loss=None, replica_rows=None
+    centres,
+    replicas,
+    embed,
+    variables,
+    inputs,
+    labels,
+    step,
+    scale_loss=None,
+    replica_rows=None,
+    embedding_pass: EmbeddingPass | None = None,
 ) -> tuple[StepResult, tf.Tensor]:
     """Runs inside `Replicas.run`: (the model's gradients, loss and STATS; this replica's
     centre gradient). `scale_loss` (a loss-scale optimizer's) scales what is
-    differentiated; the centre gradient comes back unscaled."""
+    differentiated; the centre gradient comes back unscaled. `embedding_pass`: as in
+    `trainer.global_loss.loss_and_gradients`."""
     shard = centres.variable()
+    passes = embedding_pass or EmbeddingPass()
     with tf.GradientTape() as tape:
-        keys, key_labels = _global_batch(replicas, embed(inputs), labels, replica_rows)
+        embeddings = passes.embeddings(embed, tape, inputs)
+        keys, key_labels = _global_batch(replicas, embeddings, labels, replica_rows)
         block = centres.block(keys, key_labels, step)
         target = block.surrogate if scale_loss is None else scale_loss(block.surrogate)
-    *grads, centre_grad = tape.gradient(target, [*variables, shard])
+    *grads, centre_grad = passes.gradient(tape, target, variables, [shard])
     if scale_loss is not None:
         centre_grad = tf.convert_to_tensor(centre_grad) / scale_loss(tf.constant(1.0))
     stats = _statistics(block.value, keys)

@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.global_loss import loss_and_gradients
+from trainer.grad_cache import embedding_pass
 from trainer.proxy_loss import proxy_loss_and_gradients
 from trainer.replicas import Replicas
 
@@ -35,6 +36,7 @@ def replica_step(
     check_finite: bool = True,
     forward=None,
     centres=None,
+    embedding_chunk_size=None,
 ):
     """One replica's part of a training step, inside `Replicas.run` (or a Keras
     `train_step`): the loss mined over the global batch, the update, and the global
@@ -46,22 +48,25 @@ def replica_step(
     `check_finite=False` leaves out the scan of every gradient for `finite_gradients`
     (reported as 1) when nobody reads it; a loss-scale optimizer always needs it. With
     the check, a step whose global loss or any replica's gradient is not finite changes
-    no weight on any replica (`finite_gradients` 0).
+    no weight on any replica (`finite_gradients` 0). `embedding_chunk_size` rows at a
+    time are embedded, twice, with the loss's cached gradient (trainer/grad_cache.py);
+    None: the whole slice at once.
     """
     variables = model.trainable_variables
     is_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     scale_loss = optimizer.scale_loss if is_scaled else None
     forward = forward or model_forward(model)
+    passes = embedding_pass(model, embedding_chunk_size)
     centre_grad = None
     if centres is not None:
         result, centre_grad = proxy_loss_and_gradients(
             centres, replicas, forward, variables, inputs, labels, optimizer.iterations,
-            scale_loss, replica_rows,
+            scale_loss, replica_rows, passes,
         )  # fmt: skip
     else:
         result = loss_and_gradients(
             loss, replicas, forward, variables, inputs, labels, cross_replica_mining,
-            scale_loss, replica_rows, memory,
+            scale_loss, replica_rows, memory, passes,
         )  # fmt: skip
     grads = result.grads
     if not (check_finite or is_scaled):
@@ -148,6 +153,7 @@ class TrainStep:
         jit_compile_model: bool = False,
         centres=None,
         skip_nonfinite: bool = False,
+        embedding_chunk_size: int | None = None,
     ):
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.centres = centres  # trainer.class_centres.ShardedCentres of a proxy loss
@@ -155,6 +161,7 @@ class TrainStep:
         self.replicas = replicas
         self.cross_replica_mining = cross_replica_mining
         self.memory = memory  # trainer.key_memory.KeyMemory, or None
+        self.embedding_chunk_size = embedding_chunk_size  # rows embedded at a time
         with replicas.scope():
             optimizer.build(model.trainable_variables)
         self.retrace()
@@ -183,6 +190,7 @@ class TrainStep:
             self.memory,
             forward=self.forward,
             centres=self.centres,
+            embedding_chunk_size=self.embedding_chunk_size,
         )
         if terms is None:  # a proxy loss: no pairs to histogram
             return metrics, tf.zeros([0]), tf.zeros([0])

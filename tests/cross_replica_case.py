@@ -83,11 +83,13 @@ def replicated_step(
     cross_replica_mining=True,
     known_rows=False,
     embedding_chunk_size=None,
+    mining_budget_bytes=None,
 ):
     """Global loss and the gradients summed over replicas, plus the share of chosen
     negatives that came from another replica. `known_rows` passes each replica's row
     count to the gather (the trainer's path); without it the backend exchanges them.
-    `embedding_chunk_size`: each replica embeds that many rows at a time (GradCache)."""
+    `embedding_chunk_size`: each replica embeds that many rows at a time (GradCache).
+    `mining_budget_bytes`: the mining's anchor tiles fit it (None: the trainer's default)."""
     replica_rows = replicas.replica_rows(len(labels)) if known_rows else None
     with replicas.scope():
         model = build_model(x.shape[1])
@@ -106,6 +108,7 @@ def replicated_step(
             cross_replica_mining,
             replica_rows=replica_rows,
             embedding_pass=embedding_pass(model, embedding_chunk_size),
+            **({} if mining_budget_bytes is None else {"mining_budget_bytes": mining_budget_bytes}),
         )
         remote = tf.math.divide_no_nan(
             result.stats["remote_negatives"], result.stats["chosen_negatives"]

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import losses
+from losses.tiles import ARRAYS_ALIVE
 from tests import proxy_case
 from tests.cross_replica_case import (
     LOSSES,
@@ -37,13 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 def test_a_chunked_step_equals_the_whole_step_for_every_mined_loss(loss_name):
     """26 rows: on one device in chunks of 5 (5+5+5+5+5+1), and on 4 replicas (7, 7, 6, 6
-    rows) in chunks of 3, so no slice divides evenly. Both against one device unchunked."""
+    rows) in chunks of 3, so no slice divides evenly; there the mining also runs in
+    anchor tiles of 3 (a budget of 3 rows × 26 keys). Both against one device whole."""
     x, labels = global_batch(size=26)
     weights = build_model(x.shape[1]).get_weights()
     single = single_device_step(LOSSES[loss_name](), weights, x, labels)
-    for count, chunk in ((1, 5), (4, 3)):
+    three_rows = 3 * 26 * 4 * ARRAYS_ALIVE
+    for count, chunk, budget in ((1, 5, None), (4, 3, three_rows)):
         chunked = replicated_step(
-            mirrored(count), LOSSES[loss_name](), weights, x, labels, True, True, chunk
+            mirrored(count), LOSSES[loss_name](), weights, x, labels, True, True, chunk, budget
         )
         assert_same_step(single, chunked)
 

@@ -24,8 +24,13 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from losses.mining import class_ids
+from losses.tiles import tile_rows, tiled_terms
 from trainer.grad_cache import EmbeddingPass
 from trainer.replicas import Replicas
+
+# The mining's (anchors × keys) arrays of one replica are computed in anchor tiles that
+# fit this (train.mining_memory_mb; see losses/tiles.py).
+MINING_BUDGET_BYTES = 256 * 2**20
 
 # Summed over replicas each step (in the gather's backward pass, or one all-reduce).
 STATS = (
@@ -68,6 +73,7 @@ def loss_and_gradients(
     replica_rows=None,
     memory=None,
     embedding_pass: EmbeddingPass | None = None,
+    mining_budget_bytes: int = MINING_BUDGET_BYTES,
 ) -> StepResult:
     """Runs inside `Replicas.run`: embeds this replica's slice, mines, differentiates.
 
@@ -78,7 +84,8 @@ def loss_and_gradients(
     backend gather without first exchanging the row counts. `memory` (a
     trainer.key_memory.KeyMemory) adds past global batches to the keys, and takes this one.
     `embedding_pass` (trainer.grad_cache) embeds the slice whole (the default) or in
-    chunks, and takes the gradient through it.
+    chunks, and takes the gradient through it. `mining_budget_bytes` bounds the
+    mining's arrays: it runs in anchor tiles that fit (losses/tiles.py).
     """
     passes = embedding_pass or EmbeddingPass()
     with tf.GradientTape() as tape:
@@ -87,7 +94,9 @@ def loss_and_gradients(
         if cross_replica_mining:
             carrier = tf.zeros([tf.shape(embeddings)[0], len(STATS)])
             tape.watch(carrier)
-        mined = _mine(loss, replicas, embeddings, labels, carrier, replica_rows, memory)
+        mined = _mine(
+            loss, replicas, embeddings, labels, carrier, replica_rows, memory, mining_budget_bytes
+        )
         terms = _parts_normalized(mined, replicas, cross_replica_mining)
         local = tf.stop_gradient(_local_stats(terms, mined, embeddings, replicas.size))
         target = terms.loss_sum if scale_loss is None else scale_loss(terms.loss_sum)
@@ -192,15 +201,30 @@ def _local_stats(terms, mined: Mined, embeddings, num_replicas) -> tf.Tensor:
     return tf.stack([tf.cast(local[k], tf.float32) for k in STATS])
 
 
-def _mine(loss, replicas: Replicas, embeddings, labels, carrier, replica_rows, memory=None):
+def _mine(
+    loss,
+    replicas: Replicas,
+    embeddings,
+    labels,
+    carrier,
+    replica_rows,
+    memory=None,
+    budget_bytes=MINING_BUDGET_BYTES,
+):
     """This replica's anchors against the keys: all replicas' rows (gathered with the
-    `carrier` columns) then the memory's, or with `carrier=None` its own rows only."""
+    `carrier` columns) then the memory's, or with `carrier=None` its own rows only; in
+    anchor tiles whose arrays fit `budget_bytes`."""
+
+    def terms(positions, keys, key_labels):
+        rows = tile_rows(keys.shape[0], budget_bytes)
+        return tiled_terms(loss.terms, embeddings, labels, positions, keys, key_labels, rows)
+
     labels = tf.cast(class_ids(labels), tf.int32)  # fit may hand over float labels
     local_rows = tf.shape(embeddings)[0]
     me = tf.cast(replicas.replica_index(), tf.int32)
     if carrier is None:
-        terms = loss.terms(embeddings, labels, tf.range(local_rows), embeddings, labels)
-        return Mined(terms, tf.fill([local_rows], me), me, None, None)
+        mined = terms(tf.range(local_rows), embeddings, labels)
+        return Mined(mined, tf.fill([local_rows], me), me, None, None)
     keys, key_labels, owner, carrier_keys = gather_keys(
         replicas, embeddings, labels, me, carrier, replica_rows
     )
@@ -214,8 +238,7 @@ def _mine(loss, replicas: Replicas, embeddings, labels, carrier, replica_rows, m
         keys = tf.concat([keys, past], axis=0)
         key_labels = tf.concat([key_labels, past_labels], axis=0)
         owner = tf.concat([owner, -tf.ones_like(past_labels)], axis=0)
-    terms = loss.terms(embeddings, labels, positions, keys, key_labels)
-    return Mined(terms, owner, me, carrier, carrier_keys)
+    return Mined(terms(positions, keys, key_labels), owner, me, carrier, carrier_keys)
 
 
 def gather_keys(replicas: Replicas, embeddings, labels, me, carrier, replica_rows):

@@ -97,6 +97,7 @@ def build_learner(
     num_classes: int | None = None,
     centre_learning_rate_multiplier: float = 1.0,
     embedding_chunk_size: int | None = None,
+    mining_memory_mb: int = 256,
 ) -> Learner:
     """`model()` under `precision`, seeded, with the named optimizer on the warm-up/cosine
     schedule. `nonfinite='skip'` wraps the optimizer in a loss-scale optimizer of scale 1,
@@ -106,7 +107,7 @@ def build_learner(
     loss gets its centres sharded over the replicas: `num_classes` (the training data's)
     unless the loss sets it, the width of the model's embeddings. `embedding_chunk_size`:
     see trainer/grad_cache.py (refused with synchronized BatchNorm, which a chunk cannot
-    be exact with)."""
+    be exact with). `mining_memory_mb`: the budget of one replica's mining arrays."""
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(seed)
     with replicas.scope():
@@ -153,6 +154,7 @@ def build_learner(
     step_fn = TrainStep(
         embedding_model, opt, loss, replicas, cross_replica_mining, memory, jit_compile_model,
         centres, skip_nonfinite=nonfinite == "skip", embedding_chunk_size=embedding_chunk_size,
+        mining_budget_bytes=mining_memory_mb * 2**20,
     )  # fmt: skip
     return Learner(embedding_model, opt, schedule, step_fn, centres)
 

@@ -70,6 +70,7 @@ def train(
     precise_batchnorm_batches: int = 50,
     centre_learning_rate_multiplier: float = 1.0,
     embedding_chunk_size: int | None = None,
+    mining_memory_mb: int = 256,
     assembled=None,
 ) -> dict:
     """Trains, evaluates and exports; returns the last evaluation's metrics (chief and others).
@@ -90,7 +91,9 @@ def train(
     The evaluation's settings are the configurable `evaluation` (trainer/evaluation.py).
     `embedding_chunk_size` rows of a replica's slice are embedded at a time, twice, with
     the loss's cached gradient (GradCache, trainer/grad_cache.py): the global batch is
-    then bounded by the mining's memory, not by the model's activations.
+    then bounded by the mining's memory, not by the model's activations. That memory
+    is bounded too: each replica mines its anchors in tiles whose (anchors × keys)
+    arrays fit `mining_memory_mb` (losses/tiles.py).
     """
     settings = dict(locals())
     _check_types(train, settings)
@@ -135,6 +138,7 @@ def train(
         num_classes=int(np.max(data.train_source.labels)) + 1 if len(data.train_source) else None,
         centre_learning_rate_multiplier=centre_learning_rate_multiplier,
         embedding_chunk_size=embedding_chunk_size,
+        mining_memory_mb=mining_memory_mb,
     )
     if assembled is not None:
         assembled()  # every configurable has been built: nothing more will read a binding
@@ -247,6 +251,7 @@ _AT_LEAST_ONE = (
     "stop_after_steps",
     "reference_batch_size",
     "embedding_chunk_size",
+    "mining_memory_mb",
 )
 
 

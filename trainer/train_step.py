@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.global_loss import loss_and_gradients
+from trainer.global_loss import MINING_BUDGET_BYTES, loss_and_gradients
 from trainer.grad_cache import embedding_pass
 from trainer.proxy_loss import proxy_loss_and_gradients
 from trainer.replicas import Replicas
@@ -37,6 +37,7 @@ def replica_step(
     forward=None,
     centres=None,
     embedding_chunk_size=None,
+    mining_budget_bytes=MINING_BUDGET_BYTES,
 ):
     """One replica's part of a training step, inside `Replicas.run` (or a Keras
     `train_step`): the loss mined over the global batch, the update, and the global
@@ -50,7 +51,8 @@ def replica_step(
     the check, a step whose global loss or any replica's gradient is not finite changes
     no weight on any replica (`finite_gradients` 0). `embedding_chunk_size` rows at a
     time are embedded, twice, with the loss's cached gradient (trainer/grad_cache.py);
-    None: the whole slice at once.
+    None: the whole slice at once. The mining's arrays are computed in anchor tiles
+    within `mining_budget_bytes` (losses/tiles.py).
     """
     variables = model.trainable_variables
     is_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -66,7 +68,7 @@ def replica_step(
     else:
         result = loss_and_gradients(
             loss, replicas, forward, variables, inputs, labels, cross_replica_mining,
-            scale_loss, replica_rows, memory, passes,
+            scale_loss, replica_rows, memory, passes, mining_budget_bytes,
         )  # fmt: skip
     grads = result.grads
     if not (check_finite or is_scaled):
@@ -154,6 +156,7 @@ class TrainStep:
         centres=None,
         skip_nonfinite: bool = False,
         embedding_chunk_size: int | None = None,
+        mining_budget_bytes: int = MINING_BUDGET_BYTES,
     ):
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.centres = centres  # trainer.class_centres.ShardedCentres of a proxy loss
@@ -162,6 +165,7 @@ class TrainStep:
         self.cross_replica_mining = cross_replica_mining
         self.memory = memory  # trainer.key_memory.KeyMemory, or None
         self.embedding_chunk_size = embedding_chunk_size  # rows embedded at a time
+        self.mining_budget_bytes = mining_budget_bytes  # of one replica's mining arrays
         with replicas.scope():
             optimizer.build(model.trainable_variables)
         self.retrace()
@@ -191,6 +195,7 @@ class TrainStep:
             forward=self.forward,
             centres=self.centres,
             embedding_chunk_size=self.embedding_chunk_size,
+            mining_budget_bytes=self.mining_budget_bytes,
         )
         if terms is None:  # a proxy loss: no pairs to histogram
             return metrics, tf.zeros([0]), tf.zeros([0])

@@ -11,7 +11,15 @@ chunked to whole step time at the same batch, in the same run.
 An unchunked configuration that the measured growth says would not fit in 80% of this
 machine's memory is not started (it would be killed): its line says so.
 
+`--mining`: the mining alone at a huge global batch, `--keys` embeddings (default
+65,536, D = 128) on 8 logical-CPU MirroredStrategy replicas (8,192 anchors each), for
+semi-hard triplets and SupCon: one step's loss and gradient (after a first, traced
+one), in anchor tiles within `--budget-mb` (default the trainer's 256), against the
+bare tiled distance computation of the same blocks in the same process; and the peak
+resident memory of the process.
+
     python -m bench.grad_cache [--batches 512,2048,8192] [--chunk 128] [--steps 2]
+    python -m bench.grad_cache --mining [--keys 65536] [--budget-mb 256]
 """
 
 from __future__ import annotations
@@ -61,6 +69,87 @@ def child(batch: int, chunk: int | None, steps: int) -> dict:
     return {"before_mb": before, "peak_mb": _peak_mb(), "step_seconds": float(np.median(times))}
 
 
+def mining_child(loss_name: str, keys: int, budget_mb: int) -> dict:
+    """Runs in its own process: one global-batch mining step on 8 logical CPUs."""
+    from trainer.replicas import configure_cpu_replicas
+
+    configure_cpu_replicas(8)
+    import tensorflow as tf
+
+    import losses
+    from losses.distances import pairwise_distances
+    from losses.tiles import tile_rows
+    from trainer.global_loss import loss_and_gradients
+    from trainer.replicas import make_replicas
+
+    replicas = make_replicas("mirrored", cpu_replicas=8)
+    loss = {
+        "semihard": lambda: losses.TripletSemiHardLoss(margin=0.2, distance="cosine"),
+        "supcon": lambda: losses.SupConLoss(temperature=0.1),
+    }[loss_name]()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(keys // 16), 16)
+    x = rng.normal(size=(keys, 128)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with replicas.scope():
+        scale = tf.Variable(tf.ones([128]))
+    rows = replicas.replica_rows(keys)
+    budget = budget_mb * 2**20
+
+    @tf.function
+    def step(local_x, local_labels):
+        result = loss_and_gradients(
+            loss, replicas, lambda e: e * scale, [scale], local_x, local_labels,
+            replica_rows=rows, mining_budget_bytes=budget,
+        )  # fmt: skip
+        return result.loss, replicas.sum_gradients(result.grads)[0]
+
+    @tf.function
+    def distances(local_x):
+        everyone = replicas.all_gather(local_x, rows)
+        tile = tile_rows(keys, budget)
+        total = 0.0
+        for start in range(0, rows[0], tile):
+            total += tf.reduce_sum(
+                pairwise_distances(local_x[start : start + tile], everyone, "cosine")
+            )
+        return total
+
+    batch = replicas.split(x, labels)
+    timed = {}
+    for name, fn, args in (("step", step, batch), ("distances", distances, (batch[0],))):
+        replicas.run(fn, args)  # the trace
+        start = time.perf_counter()
+        replicas.run(fn, args)
+        timed[name] = time.perf_counter() - start
+    return {
+        "step_seconds": timed["step"],
+        "distance_seconds": timed["distances"],
+        "peak_mb": _peak_mb(),
+        "tile_rows": tile_rows(keys, budget),
+    }
+
+
+def mining(keys: int, budget_mb: int) -> None:
+    print(f"global batch {keys:,} (D = 128) on 8 logical CPUs, mining budget {budget_mb} MiB")
+    for loss_name in ("semihard", "supcon"):
+        command = [sys.executable, "-m", "bench.grad_cache", "--mining-child", loss_name]
+        command += ["--keys", str(keys), "--budget-mb", str(budget_mb)]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"  {loss_name}: exit {done.returncode}: {done.stderr[-800:]}")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(
+            f"  {loss_name}: tiles of {r['tile_rows']} anchors; step {r['step_seconds']:.1f} s, "
+            f"bare tiled distances {r['distance_seconds']:.1f} s "
+            f"(ratio {r['step_seconds'] / r['distance_seconds']:.1f}); "
+            f"peak {r['peak_mb']:,.0f} MiB for the process",
+            flush=True,
+        )
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -89,7 +178,17 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--mining", action="store_true")
+    parser.add_argument("--keys", type=int, default=65_536)
+    parser.add_argument("--budget-mb", type=int, default=256)
+    parser.add_argument("--mining-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mining_child:
+        print(json.dumps(mining_child(args.mining_child, args.keys, args.budget_mb)))
+        return
+    if args.mining:
+        mining(args.keys, args.budget_mb)
+        return
     if args.child:
         batch, chunk = args.child
         print(json.dumps(child(batch, chunk or None, args.steps)))

@@ -39,7 +39,7 @@ def tiled_terms(terms_fn, anchors, anchor_labels, anchor_positions, keys, key_la
     The anchor count must be known when traced (it fixes the number of tiles); with an
     unknown count, `rows` None, or a single tile, this is `terms_fn` itself.
     """
-    count = anchors.shape[0]
+    count = anchors.shape[0] if anchors.shape[0] is not None else anchor_labels.shape[0]
     if rows is None or count is None or count <= rows:
         return terms_fn(anchors, anchor_labels, anchor_positions, keys, key_labels)
     keys = tf.convert_to_tensor(keys)

@@ -109,6 +109,9 @@ class ChunkedEmbeddingPass(EmbeddingPass):
                 lambda i, _: i < count, body, (1, empty.write(0, first)), parallel_iterations=1
             )
             embeddings = tf.stop_gradient(outputs.concat())
+            # As many rows as the inputs, known when traced if theirs is (the mining's
+            # anchor tiles need it).
+            embeddings.set_shape([tf.nest.flatten(inputs)[0].shape[0], *first.shape[1:]])
         tape.watch(embeddings)
         self._pending = (forward, inputs, embeddings)
         return embeddings

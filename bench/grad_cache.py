@@ -37,7 +37,7 @@ import numpy as np
 IMAGE = 64
 
 
-def child(batch: int, chunk: int | None, steps: int) -> dict:
+def child(batch: int, chunk: int | None, steps: int, budget_mb: int) -> dict:
     """Runs in its own process: the figures of one configuration."""
     import keras
 
@@ -55,6 +55,7 @@ def child(batch: int, chunk: int | None, steps: int) -> dict:
         losses.TripletSemiHardLoss(margin=0.2, distance="cosine"),
         replicas,
         embedding_chunk_size=chunk,
+        mining_budget_bytes=budget_mb * 2**20,
     )
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(batch, IMAGE, IMAGE, 3), dtype=np.uint8)
@@ -160,11 +161,14 @@ def _available_mb() -> float:
     return int(fields["MemAvailable"].split()[0]) / 1024
 
 
-def run(batch: int, chunk: int | None, steps: int) -> dict | None:
+def run(batch: int, chunk: int | None, steps: int, budget_mb: int) -> dict | None:
     command = [sys.executable, "-m", "bench.grad_cache", "--child", str(batch), str(chunk or 0)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(
-        [*command, "--steps", str(steps)], capture_output=True, text=True, env=env
+        [*command, "--steps", str(steps), "--budget-mb", str(budget_mb)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if done.returncode != 0:
         print(f"  batch {batch} chunk {chunk}: exit {done.returncode}: {done.stderr[-500:]}")
@@ -191,10 +195,13 @@ def main() -> None:
         return
     if args.child:
         batch, chunk = args.child
-        print(json.dumps(child(batch, chunk or None, args.steps)))
+        print(json.dumps(child(batch, chunk or None, args.steps, args.budget_mb)))
         return
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"small_convnet {IMAGE} px, semi-hard triplets, one process; chunk {args.chunk}")
+    print(
+        f"small_convnet {IMAGE} px, semi-hard triplets, one process; chunk {args.chunk}, "
+        f"mining budget {args.budget_mb} MiB"
+    )
     print(f"{'batch':>6} {'chunk':>6} {'peak MiB':>9} {'over start':>11} {'step s':>8}")
     figures = {}
     for batch in batches:
@@ -213,7 +220,7 @@ def main() -> None:
                         f"measured growth, {_available_mb():,.0f} MiB available"
                     )
                     continue
-            result = run(batch, chunk, args.steps)
+            result = run(batch, chunk, args.steps, args.budget_mb)
             if result is None:
                 continue
             figures[(batch, chunk)] = result

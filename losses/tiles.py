@@ -43,31 +43,38 @@ def tiled_terms(terms_fn, anchors, anchor_labels, anchor_positions, keys, key_la
     if rows is None or count is None or count <= rows:
         return terms_fn(anchors, anchor_labels, anchor_positions, keys, key_labels)
     keys = tf.convert_to_tensor(keys)
-    tiles = []
+    tiles, backward = [], []  # backward: the last tile gradient built, to wait for
     for start in range(0, count, rows):
         end = min(start + rows, count)
-        # Each tile waits for the one before: one tile's arrays alive at a time.
+        # Each tile waits for the one before, its keys too: a loss's work on the keys
+        # alone (normalizing them) would otherwise run for every tile at once, at the
+        # start, and hold a copy of the keys per tile.
         with tf.control_dependencies([tiles[-1].loss_sum] if tiles else []):
-            tile_anchors = tf.identity(anchors[start:end])
+            tile_anchors, tile_keys = tf.identity(anchors[start:end]), tf.identity(keys)
         tiles.append(
             _recomputed_tile(
                 terms_fn,
                 tile_anchors,
                 anchor_labels[start:end],
                 anchor_positions[start:end],
-                keys,
+                tile_keys,
                 key_labels,
+                backward,
             )
         )
     return _summed(tiles)
 
 
-def _recomputed_tile(terms_fn, anchors, anchor_labels, anchor_positions, keys, key_labels):
+def _recomputed_tile(
+    terms_fn, anchors, anchor_labels, anchor_positions, keys, key_labels, backward: list
+):
     """One tile's terms; its gradient recomputes the tile rather than keeping its arrays.
 
     Only loss_sum and part_sums carry a gradient (the rest are counts and monitoring
     values); a custom gradient's outputs must all be tensors, so a loss without parts
-    passes zeros in their place.
+    passes zeros in their place. Nothing orders the tiles' gradients but `backward`:
+    each waits for the one built before it, or the executor would run them all at once
+    and hold every tile's arrays together.
     """
     has_parts = []
 
@@ -83,17 +90,18 @@ def _recomputed_tile(terms_fn, anchors, anchor_labels, anchor_positions, keys, k
 
         def gradient(d_loss_sum, *upstream):
             d_part_sums = upstream[-2]
-            with tf.GradientTape() as tape:
-                tape.watch([anchors, keys])
-                again = terms_of(anchors, keys)
-                target = again.loss_sum * d_loss_sum
-                if again.part_sums is not None:
-                    target += tf.reduce_sum(again.part_sums * d_part_sums)
-            d_anchors, d_keys = tape.gradient(target, [anchors, keys])
-            return (
-                tf.zeros_like(anchors) if d_anchors is None else d_anchors,
-                tf.zeros_like(keys) if d_keys is None else tf.convert_to_tensor(d_keys),
-            )
+            with tf.control_dependencies(backward[-1:]):
+                with tf.GradientTape() as tape:
+                    tape.watch([anchors, keys])
+                    again = terms_of(tf.identity(anchors), tf.identity(keys))
+                    target = again.loss_sum * d_loss_sum
+                    if again.part_sums is not None:
+                        target += tf.reduce_sum(again.part_sums * d_part_sums)
+                d_anchors, d_keys = tape.gradient(target, [anchors, keys])
+                d_anchors = tf.zeros_like(anchors) if d_anchors is None else d_anchors
+                d_keys = tf.zeros_like(keys) if d_keys is None else tf.convert_to_tensor(d_keys)
+            backward[:] = [d_keys]
+            return d_anchors, d_keys
 
         return [*values, *parts], gradient
 

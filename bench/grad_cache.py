@@ -12,14 +12,16 @@ An unchunked configuration that the measured growth says would not fit in 80% of
 machine's memory is not started (it would be killed): its line says so.
 
 `--mining`: the mining alone at a huge global batch, `--keys` embeddings (default
-65,536, D = 128) on 8 logical-CPU MirroredStrategy replicas (8,192 anchors each), for
-semi-hard triplets and SupCon: one step's loss and gradient (after a first, traced
-one), in anchor tiles within `--budget-mb` (default the trainer's 256), against the
-bare tiled distance computation of the same blocks in the same process; and the peak
-resident memory of the process.
+65,536, D = 128) on `--replicas` logical-CPU MirroredStrategy replicas (default 8: 8,192
+anchors each; 1: one device), for semi-hard triplets and SupCon: one step's loss and
+gradient (after a first, traced one), in anchor tiles within each budget of
+`--budget-mb` (default the trainer's 256; a list sweeps, 0 = the whole block), against
+the bare tiled distance computation of the same blocks in the same process; and the
+peak resident memory of the process, whole and over its start (before the trace).
 
     python -m bench.grad_cache [--batches 512,2048,8192] [--chunk 128] [--steps 2]
-    python -m bench.grad_cache --mining [--keys 65536] [--budget-mb 256]
+    python -m bench.grad_cache --mining [--keys 65536] [--replicas 8] [--budget-mb 256]
+    python -m bench.grad_cache --mining --keys 8192 --replicas 1 --budget-mb 0,256,64,8
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ def child(batch: int, chunk: int | None, steps: int, budget_mb: int) -> dict:
     return {"before_mb": before, "peak_mb": _peak_mb(), "step_seconds": float(np.median(times))}
 
 
-def mining_child(loss_name: str, keys: int, budget_mb: int) -> dict:
-    """Runs in its own process: one global-batch mining step on 8 logical CPUs."""
+def mining_child(loss_name: str, keys: int, budget_mb: int, replica_count: int) -> dict:
+    """Runs in its own process: one global-batch mining step on logical CPUs."""
     from trainer.replicas import configure_cpu_replicas
 
-    configure_cpu_replicas(8)
+    if replica_count > 1:
+        configure_cpu_replicas(replica_count)
     import tensorflow as tf
 
     import losses
@@ -83,7 +86,11 @@ def mining_child(loss_name: str, keys: int, budget_mb: int) -> dict:
     from trainer.global_loss import loss_and_gradients
     from trainer.replicas import make_replicas
 
-    replicas = make_replicas("mirrored", cpu_replicas=8)
+    replicas = (
+        make_replicas("mirrored", cpu_replicas=replica_count)
+        if replica_count > 1
+        else make_replicas("single")
+    )
     loss = {
         "semihard": lambda: losses.TripletSemiHardLoss(margin=0.2, distance="cosine"),
         "supcon": lambda: losses.SupConLoss(temperature=0.1),
@@ -95,7 +102,7 @@ def mining_child(loss_name: str, keys: int, budget_mb: int) -> dict:
     with replicas.scope():
         scale = tf.Variable(tf.ones([128]))
     rows = replicas.replica_rows(keys)
-    budget = budget_mb * 2**20
+    budget = budget_mb * 2**20 if budget_mb else 2**62  # 0: the whole block
 
     @tf.function
     def step(local_x, local_labels):
@@ -117,6 +124,7 @@ def mining_child(loss_name: str, keys: int, budget_mb: int) -> dict:
         return total
 
     batch = replicas.split(x, labels)
+    start_mb = _peak_mb()
     timed = {}
     for name, fn, args in (("step", step, batch), ("distances", distances, (batch[0],))):
         replicas.run(fn, args)  # the trace
@@ -127,28 +135,33 @@ def mining_child(loss_name: str, keys: int, budget_mb: int) -> dict:
         "step_seconds": timed["step"],
         "distance_seconds": timed["distances"],
         "peak_mb": _peak_mb(),
-        "tile_rows": tile_rows(keys, budget),
+        "over_start_mb": _peak_mb() - start_mb,
+        "tile_rows": min(tile_rows(keys, budget), rows[0]),
     }
 
 
-def mining(keys: int, budget_mb: int) -> None:
-    print(f"global batch {keys:,} (D = 128) on 8 logical CPUs, mining budget {budget_mb} MiB")
-    for loss_name in ("semihard", "supcon"):
-        command = [sys.executable, "-m", "bench.grad_cache", "--mining-child", loss_name]
-        command += ["--keys", str(keys), "--budget-mb", str(budget_mb)]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            print(f"  {loss_name}: exit {done.returncode}: {done.stderr[-800:]}")
-            continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(
-            f"  {loss_name}: tiles of {r['tile_rows']} anchors; step {r['step_seconds']:.1f} s, "
-            f"bare tiled distances {r['distance_seconds']:.1f} s "
-            f"(ratio {r['step_seconds'] / r['distance_seconds']:.1f}); "
-            f"peak {r['peak_mb']:,.0f} MiB for the process",
-            flush=True,
-        )
+def mining(keys: int, budget_list: str, replica_count: int) -> None:
+    where = f"{replica_count} logical CPUs" if replica_count > 1 else "one device"
+    print(f"global batch {keys:,} (D = 128) on {where}")
+    for budget_mb in (int(b) for b in budget_list.split(",")):
+        print(f" mining budget {budget_mb or 'whole block'} {'MiB' if budget_mb else ''}")
+        for loss_name in ("semihard", "supcon"):
+            command = [sys.executable, "-m", "bench.grad_cache", "--mining-child", loss_name]
+            command += ["--keys", str(keys), "--budget-mb", str(budget_mb)]
+            command += ["--replicas", str(replica_count)]
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                print(f"  {loss_name}: exit {done.returncode}: {done.stderr[-800:]}")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            print(
+                f"  {loss_name}: tiles of {r['tile_rows']} anchors; step "
+                f"{r['step_seconds']:.2f} s, bare tiled distances {r['distance_seconds']:.2f} s "
+                f"(ratio {r['step_seconds'] / r['distance_seconds']:.1f}); peak "
+                f"{r['peak_mb']:,.0f} MiB for the process, {r['over_start_mb']:,.0f} over start",
+                flush=True,
+            )
 
 
 def _peak_mb() -> float:
@@ -184,18 +197,20 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mining", action="store_true")
     parser.add_argument("--keys", type=int, default=65_536)
-    parser.add_argument("--budget-mb", type=int, default=256)
+    parser.add_argument("--budget-mb", default="256")
+    parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--mining-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mining_child:
-        print(json.dumps(mining_child(args.mining_child, args.keys, args.budget_mb)))
+        budget = int(args.budget_mb)
+        print(json.dumps(mining_child(args.mining_child, args.keys, budget, args.replicas)))
         return
     if args.mining:
-        mining(args.keys, args.budget_mb)
+        mining(args.keys, args.budget_mb, args.replicas)
         return
     if args.child:
         batch, chunk = args.child
-        print(json.dumps(child(batch, chunk or None, args.steps, args.budget_mb)))
+        print(json.dumps(child(batch, chunk or None, args.steps, int(args.budget_mb))))
         return
     batches = [int(b) for b in args.batches.split(",")]
     print(

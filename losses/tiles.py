@@ -7,11 +7,13 @@ replicas are. What this buys is memory: a loss's (anchors × keys) distance and 
 arrays then exist for one tile at a time. At a global batch of 65,536 on 8 devices a
 replica's block is 8,192 × 65,536 floats (2 GB); in tiles of 512 rows it is 128 MB.
 
-The backward pass must not keep every tile's arrays either, so each tile's loss is a
-custom gradient that keeps only its inputs and recomputes the tile under a tape when
-the gradient is asked for (the "recompute" of gradient checkpointing). Tiles run one
-after another in both passes (each waits on the one before), so at most one tile's
-arrays are alive at once.
+The tiles are the iterations of a loop (`tf.while_loop`, one iteration at a time), not
+an unrolled Python loop: the graph, and what TensorFlow spends on tracing, optimizing
+and running it, stays the size of one tile whatever their number (unrolled, each tile
+cost about 18 MB at 8,192 keys, more than its arrays). The backward pass must not keep
+every tile's arrays either, so the whole tiled loss is one custom gradient that keeps
+only its inputs and recomputes each tile under a tape in a second loop (the "recompute"
+of gradient checkpointing), adding each tile's key gradient to one running sum.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from losses.triplet import TripletTerms
 
 # How many (anchors × keys) float32 arrays a loss keeps alive at once, at most: the
 # distances, the label masks, the mined candidates and their gradient in the recompute.
-ARRAYS_ALIVE = 8
+# Measured (semi-hard, the most, at 8,192 keys): each MiB of tile array added 15 MiB to
+# the step's peak; the pair losses and SupCon less.
+ARRAYS_ALIVE = 16
+
+# Fields summed over tiles (scalars, and the parts' fixed-size vectors); the others are
+# per-term vectors, put end to end.
+_SUMMED = ("loss_sum", "count", "num_active", "num_terms", "part_sums", "part_counts")
 
 
 def tile_rows(keys: int | None, budget_bytes: int) -> int | None:
@@ -37,94 +45,90 @@ def tiled_terms(terms_fn, anchors, anchor_labels, anchor_positions, keys, key_la
     """`terms_fn(anchors, ...)` (a query/key loss) summed over tiles of `rows` anchors.
 
     The anchor count must be known when traced (it fixes the number of tiles); with an
-    unknown count, `rows` None, or a single tile, this is `terms_fn` itself.
+    unknown count, `rows` None, or a single tile, this is `terms_fn` itself. Only
+    `loss_sum` and `part_sums` carry a gradient (the rest are counts and monitoring
+    values), as for the trainer's use of the whole block.
     """
     count = anchors.shape[0] if anchors.shape[0] is not None else anchor_labels.shape[0]
     if rows is None or count is None or count <= rows:
         return terms_fn(anchors, anchor_labels, anchor_positions, keys, key_labels)
-    keys = tf.convert_to_tensor(keys)
-    tiles, backward = [], []  # backward: the last tile gradient built, to wait for
-    for start in range(0, count, rows):
-        end = min(start + rows, count)
-        # Each tile waits for the one before, its keys too: a loss's work on the keys
-        # alone (normalizing them) would otherwise run for every tile at once, at the
-        # start, and hold a copy of the keys per tile.
-        with tf.control_dependencies([tiles[-1].loss_sum] if tiles else []):
-            tile_anchors, tile_keys = tf.identity(anchors[start:end]), tf.identity(keys)
-        tiles.append(
-            _recomputed_tile(
-                terms_fn,
-                tile_anchors,
-                anchor_labels[start:end],
-                anchor_positions[start:end],
-                tile_keys,
-                key_labels,
-                backward,
-            )
+    tiles = -(-count // rows)
+
+    def rows_of(i, tensor):
+        return tensor[i * rows : (i + 1) * rows]
+
+    def tile(i, tile_anchors, keys):
+        """Tile i's terms: `tile_anchors` are its rows of the anchors."""
+        return terms_fn(
+            tile_anchors,
+            rows_of(i, anchor_labels),
+            rows_of(i, anchor_positions),
+            keys,
+            key_labels,
         )
-    return _summed(tiles)
 
-
-def _recomputed_tile(
-    terms_fn, anchors, anchor_labels, anchor_positions, keys, key_labels, backward: list
-):
-    """One tile's terms; its gradient recomputes the tile rather than keeping its arrays.
-
-    Only loss_sum and part_sums carry a gradient (the rest are counts and monitoring
-    values); a custom gradient's outputs must all be tensors, so a loss without parts
-    passes zeros in their place. Nothing orders the tiles' gradients but `backward`:
-    each waits for the one built before it, or the executor would run them all at once
-    and hold every tile's arrays together.
-    """
-    has_parts = []
-
-    def terms_of(anchors, keys):
-        return terms_fn(anchors, anchor_labels, anchor_positions, keys, key_labels)
+    structure = []  # the first tile's fields: which are None
 
     @tf.custom_gradient
-    def tile(anchors, keys):
-        terms = terms_of(anchors, keys)
-        has_parts.append(terms.part_sums is not None)
-        values = [tf.convert_to_tensor(v) for v in terms[:-2]]
-        parts = terms[-2:] if has_parts[0] else (tf.zeros([1]), tf.zeros([1]))
+    def tiled(anchors, keys):
+        first = tile(0, rows_of(0, anchors), keys)
+        structure.extend(name for name, value in first._asdict().items() if value is None)
+        summed = {k: v for k, v in first._asdict().items() if k in _SUMMED and v is not None}
+        vectors = {
+            k: _rows_array(v.dtype, tiles, v.shape).write(0, v)
+            for k, v in first._asdict().items()
+            if k not in _SUMMED and v is not None
+        }
 
-        def gradient(d_loss_sum, *upstream):
-            d_part_sums = upstream[-2]
-            with tf.control_dependencies(backward[-1:]):
+        def body(i, summed, vectors):
+            terms = tile(i, rows_of(i, anchors), keys)._asdict()
+            summed = {k: total + terms[k] for k, total in summed.items()}
+            vectors = {k: array.write(i, terms[k]) for k, array in vectors.items()}
+            return i + 1, summed, vectors
+
+        _, summed, vectors = tf.while_loop(
+            lambda i, *_: i < tiles, body, (1, summed, vectors), parallel_iterations=1
+        )
+        values = {**summed, **{k: array.concat() for k, array in vectors.items()}}
+        names = [k for k in TripletTerms._fields if k in values]
+        flat = [values[k] for k in names]
+
+        def gradient(*upstream):
+            d = dict(zip(names, upstream, strict=True))
+            d_loss_sum = 0.0 if d["loss_sum"] is None else d["loss_sum"]
+            d_part_sums = d.get("part_sums")
+
+            def body(i, d_keys, d_anchors):
+                tile_anchors = rows_of(i, anchors)
                 with tf.GradientTape() as tape:
-                    tape.watch([anchors, keys])
-                    again = terms_of(tf.identity(anchors), tf.identity(keys))
+                    tape.watch([tile_anchors, keys])
+                    again = tile(i, tile_anchors, keys)
                     target = again.loss_sum * d_loss_sum
-                    if again.part_sums is not None:
+                    if d_part_sums is not None:
                         target += tf.reduce_sum(again.part_sums * d_part_sums)
-                d_anchors, d_keys = tape.gradient(target, [anchors, keys])
-                d_anchors = tf.zeros_like(anchors) if d_anchors is None else d_anchors
-                d_keys = tf.zeros_like(keys) if d_keys is None else tf.convert_to_tensor(d_keys)
-            backward[:] = [d_keys]
-            return d_anchors, d_keys
+                d_tile, d_tile_keys = tape.gradient(
+                    target, [tile_anchors, keys], unconnected_gradients="zero"
+                )
+                d_anchors = d_anchors.write(i, tf.convert_to_tensor(d_tile))
+                return i + 1, d_keys + tf.convert_to_tensor(d_tile_keys), d_anchors
 
-        return [*values, *parts], gradient
+            d_anchor_tiles = _rows_array(anchors.dtype, tiles, anchors.shape)
+            _, d_keys, d_anchor_tiles = tf.while_loop(
+                lambda i, *_: i < tiles,
+                body,
+                (0, tf.zeros_like(keys), d_anchor_tiles),
+                parallel_iterations=1,
+            )
+            return d_anchor_tiles.concat(), d_keys
 
-    values = tile(anchors, keys)
-    if not has_parts[0]:
-        values = [*values[:-2], None, None]
-    return TripletTerms(*values)
+        return flat, gradient
+
+    values = iter(tiled(tf.convert_to_tensor(anchors), tf.convert_to_tensor(keys)))
+    return TripletTerms(*(None if k in structure else next(values) for k in TripletTerms._fields))
 
 
-def _summed(tiles: list) -> TripletTerms:
-    """The anchors' terms from their tiles': sums of the scalars and parts, the
-    per-term vectors end to end."""
-    first = tiles[0]
-    scalar = lambda name: tf.add_n([getattr(t, name) for t in tiles])  # noqa: E731
-    vector = lambda name: tf.concat([getattr(t, name) for t in tiles], axis=0)  # noqa: E731
-    return TripletTerms(
-        loss_sum=scalar("loss_sum"),
-        count=scalar("count"),
-        num_active=scalar("num_active"),
-        num_terms=scalar("num_terms"),
-        negative_index=vector("negative_index"),
-        positive_distances=vector("positive_distances"),
-        negative_distances=vector("negative_distances"),
-        part_sums=None if first.part_sums is None else scalar("part_sums"),
-        part_counts=None if first.part_counts is None else scalar("part_counts"),
-    )
+def _rows_array(dtype, size: int, shape: tf.TensorShape) -> tf.TensorArray:
+    """A TensorArray of `size` tiles of rows, concatenated with the static rank and
+    inner dimensions of `shape` (the mining indexes the result by rank)."""
+    element = tf.TensorShape([None]).concatenate(shape[1:])
+    return tf.TensorArray(dtype, size=size, infer_shape=False, element_shape=element)

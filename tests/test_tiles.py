@@ -49,6 +49,6 @@ def test_tiles_of_3_anchors_equal_the_whole_block(loss_name):
 
 
 def test_the_tile_fits_the_budget():
-    assert tile_rows(65_536, 256 * 2**20) == 256 * 2**20 // (65_536 * 4 * ARRAYS_ALIVE) == 128
+    assert tile_rows(65_536, 256 * 2**20) == 256 * 2**20 // (65_536 * 4 * ARRAYS_ALIVE) == 64
     assert tile_rows(10**9, 1) == 1  # at least one row
     assert tile_rows(None, 2**20) is None  # keys unknown when traced: one block

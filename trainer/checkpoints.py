@@ -140,6 +140,15 @@ class Checkpoints:
             self.checkpoint, self.directory, max_to_keep=self.keep
         )
 
+    def _remove_partial(self, step: int) -> None:
+        """The temporary files of a save of `step` that did not complete."""
+        for pattern in (f"*-{step}_temp", f"*-{step}.*tempstate*"):
+            for name in glob.glob(os.path.join(self.directory, pattern)):
+                if os.path.isdir(name):
+                    shutil.rmtree(name, ignore_errors=True)
+                else:
+                    os.remove(name)
+
     @property
     def latest(self) -> str | None:
         return self.manager.latest_checkpoint
@@ -149,13 +158,18 @@ class Checkpoints:
         self.step.assign(step)
         if self.replicas.is_chief:
             os.makedirs(self.directory, exist_ok=True)
-        if self.centres is not None:
-            # Gathered from every process; written before the checkpoint, whose index
-            # (written last) is what makes either of them count.
-            self.centres.save(self.directory, step)
-        if not self.replicas.is_chief:
-            return None
-        path = self.manager.save(checkpoint_number=step)
+        try:
+            if self.centres is not None:
+                # Gathered from every process; written before the checkpoint, whose index
+                # (written last) is what makes either of them count.
+                self.centres.save(self.directory, step)
+            if not self.replicas.is_chief:
+                return None
+            path = self.manager.save(checkpoint_number=step)
+        except BaseException:  # a full disk, a kill: no half-written files of this step left
+            if self.replicas.is_chief:
+                self._remove_partial(step)
+            raise
         if self.centres is not None:
             self.centres.forget(
                 self.directory, [p.rsplit("-", 1)[1] for p in self.manager.checkpoints]

@@ -22,6 +22,7 @@ from absl import app, flags, logging  # noqa: E402
 
 import trainer.config  # noqa: E402, F401  (registers the configurables)
 from data.errors import InputError  # noqa: E402
+from trainer import disk_space  # noqa: E402
 from trainer.loop import NumericalError  # noqa: E402
 from trainer.placement import cpu_only_warning, nvidia_smi_gpus  # noqa: E402
 from trainer.replicas import make_replicas  # noqa: E402
@@ -35,6 +36,7 @@ MOVED = {
 }
 
 FLAGS = flags.FLAGS
+WORKDIR = {}  # "path": this job's workdir, once known (a failure's message names its checkpoints)
 flags.DEFINE_multi_string("gin_file", [], "Gin config file; a bare name is looked up in gin/.")
 flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. train.steps=500.")
 flags.DEFINE_string(
@@ -131,6 +133,7 @@ def run(argv) -> int:
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     workdir = os.path.abspath(FLAGS.workdir or agreed_default_workdir(replicas))
+    WORKDIR["path"] = workdir
     if replicas.is_chief:
         print(f"workdir: {workdir}", flush=True)
     try:
@@ -158,7 +161,12 @@ def main(argv) -> None:
     except InputError as error:  # the user's to fix: one message, no traceback
         report(error)
         sys.exit(2)
-    except Exception as error:  # a crash: its cause in one line first, then the traceback
+    except Exception as error:
+        full = disk_space.out_of_space(error)
+        if full is not None:  # a full disk or quota: where, and what to do; nothing is lost
+            report(OSError(disk_space.message(*full, WORKDIR.get("path") or os.getcwd())))
+            sys.exit(disk_space.EXIT_STATUS)
+        # A crash: its cause in one line first, then the traceback.
         report(error, f"{type(error).__name__}: ", limit=500)
         raise
 

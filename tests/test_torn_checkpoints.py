@@ -69,6 +69,15 @@ def test_the_newest_readable_checkpoint_is_restored_and_the_torn_one_moved_aside
     assert unreadable(checkpoints.latest) is None
 
 
+def test_an_index_naming_only_the_latest_checkpoint_resumes_from_it(tmp_path):
+    """A hand-written `checkpoint` file (model_checkpoint_path alone) still counts."""
+    _two_saved(tmp_path)
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-2"\n')
+    checkpoints, weights = _checkpoints(tmp_path, 0.0)
+    assert checkpoints.restore([weights]) == 2
+    np.testing.assert_array_equal(weights.numpy(), np.full(2000, 2.0, np.float32))
+
+
 def test_no_readable_checkpoint_is_an_error_naming_them_and_moves_nothing(tmp_path):
     _two_saved(tmp_path)
     _truncate(str(tmp_path / "ckpt-2"))

@@ -93,8 +93,12 @@ class Checkpoints:
     def _newest_readable(self) -> str | None:
         """The newest checkpoint that reads whole; the newer, torn ones are moved aside.
         None for a new job; an error naming them all if none reads."""
+        candidates = list(self.manager.checkpoints)
+        latest = self.manager.latest_checkpoint  # an index may name only this one
+        if latest is not None and latest not in candidates:
+            candidates.append(latest)
         torn = []
-        for path in reversed(self.manager.checkpoints):
+        for path in reversed(candidates):
             problem = self._problem(path)
             if problem is None:
                 break
@@ -108,10 +112,10 @@ class Checkpoints:
                 )
             return None
         if torn:
-            self._set_aside(torn, resume_from=path)
+            self._set_aside(torn, candidates, resume_from=path)
         return path
 
-    def _set_aside(self, torn, resume_from: str) -> None:
+    def _set_aside(self, torn, candidates, resume_from: str) -> None:
         """Moves the torn checkpoints' files into checkpoints/torn/ and drops them from the
         `checkpoint` index (the chief; every worker then forgets them)."""
         if self.replicas.is_chief:
@@ -132,7 +136,7 @@ class Checkpoints:
                     file=sys.stderr,
                     flush=True,
                 )
-            kept = [p for p in self.manager.checkpoints if p not in dict(torn)]
+            kept = [p for p in candidates if p not in dict(torn)]
             tf.compat.v1.train.update_checkpoint_state(
                 self.directory, resume_from, all_model_checkpoint_paths=kept
             )

@@ -28,13 +28,31 @@ if [[ $1 == local ]]; then
   workers=$(seq -s, -f "localhost:%g" "$base" $((base + count - 1)))
   workdir=(--workdir="runs/multi_worker-$(date +%Y%m%d-%H%M%S)")
   for arg in "$@"; do [[ $arg == --workdir=* ]] && workdir=(); done
-  pids=()
+  declare -A running=()  # pid -> worker index
   for ((i = 0; i < count; i++)); do
     TF_CONFIG=$(tf_config "$workers" "$i") "$PYTHON" -m trainer.main "$strategy" "${workdir[@]}" "$@" &
-    pids+=($!)
+    running[$!]=$i
   done
+  # The first worker that fails ends the job: the others could wait on it for ever (one
+  # stopped, or one still waiting in a collective). Their checkpoints are complete or
+  # absent, never half-written, so they are killed at once, without adding lines of
+  # their own after the failed worker's.
   status=0
-  for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-  exit $status
+  while ((${#running[@]})); do
+    rc=0
+    wait -n -p finished "${!running[@]}" || rc=$?
+    index=${running[$finished]}
+    unset "running[$finished]"
+    if ((rc != 0)); then
+      status=$rc
+      if ((${#running[@]})); then
+        kill -KILL "${!running[@]}" 2>/dev/null || true
+        wait "${!running[@]}" 2>/dev/null || true
+        echo "launch/multi_worker.sh: worker $index exited with status $rc; the job was stopped" >&2
+      fi
+      break
+    fi
+  done
+  exit "$status"
 fi
 TF_CONFIG=$(tf_config "$1" "$2") exec "$PYTHON" -m trainer.main "$strategy" "${@:3}"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,11 +98,17 @@ def start_job(workdir, params=(), launcher=(), **env) -> subprocess.Popen:
     )
 
 
-def run_job(workdir, params=(), launcher=(), timeout=300, check=True, extra=()):
-    """Runs the trainer with `--gin_param`s, optionally under a launch script."""
+def run_job(workdir, params=(), launcher=(), timeout=300, check=True, extra=(), env=None):
+    """Runs the trainer with `--gin_param`s, optionally under a launch script; `env` is
+    added to the environment."""
     command = job_command(workdir, params, launcher, extra)
     done = subprocess.run(
-        command, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout
+        command,
+        cwd=ROOT,
+        env=job_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and done.returncode != 0:
         raise AssertionError(
@@ -183,3 +192,43 @@ def killing_all_at_exit(job):
                 p.kill()
             except psutil.Error:
                 pass
+
+
+def multi_worker_2():
+    """launch/multi_worker.sh with 2 local workers on ports of their own (the suite runs
+    two test files at once)."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    return (os.path.join(ROOT, "launch", "multi_worker.sh"), "local", "2"), {
+        "MULTI_WORKER_PORT": str(port)
+    }
+
+
+def worker_of_rank(tree, rank: int):
+    """The python worker process of Horovod rank / TF_CONFIG task `rank`."""
+    for process in workers_of(tree):
+        if not is_worker(process):
+            continue
+        environ = process.environ()
+        task = json.loads(environ.get("TF_CONFIG", "{}")).get("task", {}).get("index")
+        if environ.get("HOROVOD_RANK") == str(rank) or task == rank:
+            return process
+    raise AssertionError(f"no worker of rank {rank} among {workers_of(tree)}")
+
+
+def stop_rank_1(workdir, launcher, params, pause, ready=None, **env):
+    """Runs the job, stops worker 1 (SIGSTOP) once 3 steps are logged (and `ready()`),
+    continues it after `pause` seconds (None: never). Returns (exit status, stdout,
+    stderr, seconds from the stop to the job's end)."""
+    job = start_job(workdir, params, launcher, **env)
+    with killing_all_at_exit(job) as tree:
+        wait_for(lambda: logged_steps(workdir) >= 3 and (ready is None or ready()), job)
+        worker = worker_of_rank(tree, 1)
+        stopped_at = time.time()
+        worker.send_signal(signal.SIGSTOP)
+        if pause is not None:
+            time.sleep(pause)
+            worker.send_signal(signal.SIGCONT)
+        stdout, stderr = job.communicate(timeout=600)
+        return job.returncode, stdout, stderr, time.time() - stopped_at

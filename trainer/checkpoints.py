@@ -29,6 +29,13 @@ from trainer.class_centres import centres_prefix
 TORN = "torn"  # where unreadable checkpoints are moved, inside the checkpoint directory
 
 
+def last_complete(workdir: str) -> str | None:
+    """The newest checkpoint of `workdir` that its index names, or None: what a failure's
+    last line tells the user a rerun resumes from."""
+    directory = os.path.join(workdir, "checkpoints")
+    return tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+
+
 def unreadable(prefix: str) -> str | None:
     """Why the checkpoint at `prefix` cannot be read whole, or None when it can.
 

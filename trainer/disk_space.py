@@ -15,6 +15,8 @@ import re
 
 import tensorflow as tf
 
+from trainer.checkpoints import last_complete
+
 EXIT_STATUS = 4
 _CODES = (errno.ENOSPC, errno.EDQUOT)
 _WORDS = tuple(os.strerror(code) for code in _CODES)  # "No space left on device", ...
@@ -50,8 +52,7 @@ def _path_before(message: str, words: str) -> str | None:
 
 def message(path: str | None, words: str, workdir: str) -> str:
     """The job's last line for a write refused for space or quota."""
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    last = tf.train.latest_checkpoint(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
+    last = last_complete(workdir)
     resume = (
         f"the last complete checkpoint is {last}; free space (or raise the quota) and run the "
         "same command: it resumes from there"

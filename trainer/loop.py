@@ -21,6 +21,7 @@ import tensorflow as tf
 from data.errors import InputError
 from data.pipeline import listed, train_batches, unreadable
 from losses import LOSS_CLASSES, PROXY_LOSS_CLASSES, TripletSemiHardLoss
+from trainer import heartbeat
 from trainer.batchnorm import COLLAPSED, BatchNormStatistics
 from trainer.evaluation import evaluation
 from trainer.job_data import JobData, load_data
@@ -372,6 +373,7 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
     agreed = start  # the last step whose stop and unreadable rows the processes agreed on
     upcoming = staged(start + 1) if start < last_step else None
     for step in range(start + 1, last_step + 1):
+        heartbeat.at_step(step)  # who fell behind, should a collective time out
         inputs, ok = upcoming
         pending.append((step, learner.step_fn.dispatch_staged(inputs)))
         if step < last_step:

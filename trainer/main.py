@@ -22,7 +22,8 @@ from absl import app, flags, logging  # noqa: E402
 
 import trainer.config  # noqa: E402, F401  (registers the configurables)
 from data.errors import InputError  # noqa: E402
-from trainer import disk_space  # noqa: E402
+from trainer import collective_timeout, disk_space, heartbeat  # noqa: E402
+from trainer.checkpoints import last_complete  # noqa: E402
 from trainer.loop import NumericalError  # noqa: E402
 from trainer.placement import cpu_only_warning, nvidia_smi_gpus  # noqa: E402
 from trainer.replicas import make_replicas  # noqa: E402
@@ -36,7 +37,9 @@ MOVED = {
 }
 
 FLAGS = flags.FLAGS
-WORKDIR = {}  # "path": this job's workdir, once known (a failure's message names its checkpoints)
+# This job's "workdir" and "replicas", once known: a failure's last line names its
+# checkpoints, and after a collective timed out, the workers that did not answer.
+JOB = {}
 flags.DEFINE_multi_string("gin_file", [], "Gin config file; a bare name is looked up in gin/.")
 flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. train.steps=500.")
 flags.DEFINE_string(
@@ -133,7 +136,9 @@ def run(argv) -> int:
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     workdir = os.path.abspath(FLAGS.workdir or agreed_default_workdir(replicas))
-    WORKDIR["path"] = workdir
+    JOB.update(workdir=workdir, replicas=replicas)
+    if replicas.processes > 1 and not replicas.elastic:  # (an elastic job's ranks change)
+        heartbeat.start(workdir, replicas.rank, replicas.timeout_seconds)
     if replicas.is_chief:
         print(f"workdir: {workdir}", flush=True)
     try:
@@ -162,13 +167,32 @@ def main(argv) -> None:
         report(error)
         sys.exit(2)
     except Exception as error:
+        workdir = JOB.get("workdir") or os.getcwd()
         full = disk_space.out_of_space(error)
         if full is not None:  # a full disk or quota: where, and what to do; nothing is lost
-            report(OSError(disk_space.message(*full, WORKDIR.get("path") or os.getcwd())))
+            report(OSError(disk_space.message(*full, workdir)))
             sys.exit(disk_space.EXIT_STATUS)
+        replicas = JOB.get("replicas")
+        if (
+            replicas is not None
+            and replicas.processes > 1
+            and collective_timeout.collective_failed(error)
+        ):
+            report(TimeoutError(timed_out_message(replicas, workdir)))
+            sys.exit(collective_timeout.EXIT_STATUS)
         # A crash: its cause in one line first, then the traceback.
         report(error, f"{type(error).__name__}: ", limit=500)
         raise
+
+
+def timed_out_message(replicas, workdir: str) -> str:
+    """After a collective gave up: who did not answer, at which step, and what to do."""
+    silent = heartbeat.unanswering(
+        workdir, replicas.processes, replicas.rank, replicas.timeout_seconds
+    )
+    return collective_timeout.message(
+        silent, heartbeat.current_step(), replicas.timeout_seconds, last_complete(workdir)
+    )
 
 
 def report(error: Exception, kind: str = "", limit: int | None = None) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.errors import InputError
+from trainer import collective_timeout
 from trainer.placement import place
 
 STRATEGIES = ("auto", "single", "mirrored", "multi_worker", "horovod")
@@ -65,6 +66,7 @@ class Replicas:
     """Base class: the single-device backend (one replica, collectives are identities)."""
 
     name = "single"
+    timeout_seconds = collective_timeout.DEFAULT_SECONDS  # distribute.timeout_seconds
     elastic = False  # whether workers can leave and join during the job (trainer/elastic.py)
 
     @property
@@ -382,10 +384,12 @@ class HorovodReplicas(Replicas):
 
     name = "horovod"
 
-    def __init__(self):
+    def __init__(self, timeout_seconds: float = collective_timeout.DEFAULT_SECONDS):
         import horovod.tensorflow as hvd
 
         self.hvd = hvd
+        self.timeout_seconds = timeout_seconds
+        collective_timeout.set_horovod_environment(timeout_seconds)
         hvd.init()
         place(per_worker=True, local_rank=hvd.local_rank(), local_size=hvd.local_size())
         # horovodrun with a host-discovery script: ranks and size change during the job.
@@ -493,12 +497,19 @@ def from_context() -> Replicas:
 
 
 @gin.configurable("distribute")
-def make_replicas(strategy: str = "auto", cpu_replicas: int = 0) -> Replicas:
+def make_replicas(
+    strategy: str = "auto",
+    cpu_replicas: int = 0,
+    timeout_seconds: float = collective_timeout.DEFAULT_SECONDS,
+) -> Replicas:
     """Builds the backend named by `distribute.strategy`.
 
     'auto': Horovod when launched by horovodrun, MirroredStrategy when more than one GPU
-    (or `cpu_replicas` > 1) is visible, else a single device.
+    (or `cpu_replicas` > 1) is visible, else a single device. A collective between
+    processes that waits more than `timeout_seconds` ends the job (see
+    trainer/collective_timeout.py).
     """
+    timeout_seconds = collective_timeout.checked(timeout_seconds)
     if strategy not in STRATEGIES:
         raise InputError(
             f"Unknown distribute.strategy {strategy!r}; valid values are "
@@ -515,7 +526,7 @@ def make_replicas(strategy: str = "auto", cpu_replicas: int = 0) -> Replicas:
         else:
             strategy = "single"
     if strategy == "horovod":
-        return HorovodReplicas()  # each worker the GPU of its local rank
+        return HorovodReplicas(timeout_seconds)  # each worker the GPU of its local rank
     place(per_worker=False)  # one process drives every GPU of its node
     if strategy == "single":
         return Replicas()
@@ -535,6 +546,10 @@ def make_replicas(strategy: str = "auto", cpu_replicas: int = 0) -> Replicas:
             "(the cluster and this worker's task, as MultiWorkerMirroredStrategy reads it)."
         )
     task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
-    return MirroredReplicas(
-        tf.distribute.MultiWorkerMirroredStrategy(), "multi_worker", int(task.get("index", 0))
+    replicas = MirroredReplicas(
+        collective_timeout.multi_worker_strategy(timeout_seconds),
+        "multi_worker",
+        int(task.get("index", 0)),
     )
+    replicas.timeout_seconds = timeout_seconds
+    return replicas

@@ -1,0 +1,166 @@
+"""Each worker's sign of life, so a collective that times out can name who did not answer.
+
+A collective that waits too long only knows that it waited: Gloo says "Timed out waiting
+600000ms for recv operation", NCCL and TensorFlow's collectives say less. So every
+process of a multi-process job writes `<workdir>/heartbeats/worker-<rank>.json` (its
+rank, host, process id, the step it is at and the time) from a thread every few seconds.
+After a timeout the worker that noticed reads them: a worker whose file stopped changing
+(stopped, swapping, its host gone), whose process on this host is gone, or that is
+behind the others' step is the one that did not answer. The workdir is on storage every
+node shares (checkpoints need it), so the files are seen from every host.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import threading
+import time
+
+FOLDER = "heartbeats"
+
+
+def interval_for(timeout_seconds: float) -> float:
+    """Seconds between heartbeats: a tenth of the timeout, between 1 and 15 s (a stopped
+    worker is then long silent when the timeout fires; a shared disk is not hammered)."""
+    return min(15.0, max(1.0, timeout_seconds / 10))
+
+
+class Heartbeat:
+    """Writes this worker's heartbeat file from a daemon thread until the process ends."""
+
+    def __init__(self, workdir: str, rank: int, timeout_seconds: float):
+        self.folder = os.path.join(workdir, FOLDER)
+        self.rank = rank
+        self.interval = interval_for(timeout_seconds)
+        self.step = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        os.makedirs(self.folder, exist_ok=True)
+        self._write()  # at once: a worker that never gets further is seen to have started
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._write()
+            except OSError:
+                pass  # a full or unreachable disk: the job's own writes report it
+
+    def _write(self) -> None:
+        path = os.path.join(self.folder, f"worker-{self.rank}.json")
+        record = {
+            "rank": self.rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "step": self.step,
+            "time": time.time(),
+        }
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w") as file:
+            json.dump(record, file)
+        os.replace(temporary, path)  # never read half-written
+
+
+_CURRENT: list[Heartbeat] = []  # this process's heartbeat, once the job has started one
+
+
+def start(workdir: str, rank: int, timeout_seconds: float) -> Heartbeat:
+    stop()
+    _CURRENT.append(Heartbeat(workdir, rank, timeout_seconds).start())
+    return _CURRENT[0]
+
+
+def stop() -> None:
+    while _CURRENT:
+        _CURRENT.pop().stop()
+
+
+def at_step(step: int) -> None:
+    """Records the step this worker is at (written with its next heartbeat)."""
+    for heartbeat in _CURRENT:
+        heartbeat.step = step
+
+
+def current_step() -> int | None:
+    return _CURRENT[0].step if _CURRENT else None
+
+
+def read(workdir: str, workers: int) -> list[dict]:
+    """The heartbeats of ranks 0..workers-1 that exist (another run's higher ranks are
+    ignored)."""
+    records = []
+    for path in glob.glob(os.path.join(workdir, FOLDER, "worker-*.json")):
+        try:
+            with open(path) as file:
+                record = json.load(file)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and 0 <= record.get("rank", -1) < workers:
+            records.append(record)
+    return sorted(records, key=lambda record: record["rank"])
+
+
+def unanswering(
+    workdir: str, workers: int, me: int, timeout_seconds: float, now: float | None = None
+) -> list[str]:
+    """Who did not answer, as "rank R on host H (why)", judged from the heartbeats.
+
+    First the workers that fell silent (no heartbeat for three intervals), never wrote
+    one, or whose process on this host is gone; if none, those behind the furthest step
+    (alive but stuck, e.g. in a slow write). Empty if nothing singles anyone out.
+    """
+    now = time.time() if now is None else now
+    silent_after = 3 * interval_for(timeout_seconds)
+    records = {record["rank"]: record for record in read(workdir, workers)}
+    host = socket.gethostname()
+    named = []
+    for rank in range(workers):
+        if rank == me:
+            continue
+        record = records.get(rank)
+        if record is None:
+            named.append(f"rank {rank} (never started: no heartbeat)")
+            continue
+        where = f"rank {rank} on host {record['host']}"
+        if record["host"] == host and not _alive(record["pid"]):
+            named.append(f"{where} (its process {record['pid']} is gone)")
+        elif now - record["time"] > silent_after:
+            named.append(
+                f"{where} (silent for {now - record['time']:.0f} s; last heard at step "
+                f"{record['step']})"
+            )
+    if named:
+        return named
+    furthest = max((record["step"] for record in records.values()), default=0)
+    return [
+        f"rank {rank} on host {record['host']} (still at step {record['step']}, "
+        f"the others at {furthest})"
+        for rank, record in records.items()
+        if rank != me and record["step"] < furthest
+    ]
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (a zombie, dead but not yet
+    reaped by its launcher, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import sys
+import zipfile
 from collections.abc import Callable
 
 import gin
@@ -100,7 +102,7 @@ def cached(kind: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray
     first agree whether anyone computes.
     """
     work = current()
-    path = os.path.join(work.cache_dir, f"{kind}-{key}.npy") if work.cache_dir else None
+    path = os.path.join(work.cache_dir, f"{kind}-{key}.npz") if work.cache_dir else None
     mine = _read(path)
     chief_has = work.is_chief and mine is not None
     missing, chief_size = work.sum_over_processes([mine is None, len(mine) if chief_has else 0])
@@ -115,18 +117,36 @@ def cached(kind: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray
 
 
 def _read(path: str | None) -> np.ndarray | None:
+    """The cached values, or None if there are none or the file is torn.
+
+    A file cut short, or with a block zeroed or changed (a copy or a shared file system
+    gone wrong), fails its digest: it is named in a warning and computed again, never
+    trusted (zeros where image checks were would silently pass corrupt images)."""
     if not path or not os.path.exists(path):
         return None
     try:
-        return np.load(path)
-    except (OSError, ValueError):  # unreadable or cut short: computed again
-        return None
+        with np.load(path) as stored:
+            values, digest = stored["values"], str(stored["sha256"])
+        if _digest(values) == digest:
+            return values
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass
+    print(f"warning: cache file {path} is torn; computing it again", file=sys.stderr, flush=True)
+    return None
 
 
 def _write(path: str, values: np.ndarray) -> None:
-    """Whole or not at all: a temporary file in the same folder, then a rename."""
+    """Whole or not at all: a temporary file in the same folder, then a rename. The
+    values' digest goes with them (see `_read`)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "wb") as f:
-        np.save(f, values)
+        np.savez(f, values=values, sha256=np.array(_digest(values)))
     os.replace(temporary, path)
+
+
+def _digest(values: np.ndarray) -> str:
+    values = np.ascontiguousarray(values)
+    return hashlib.sha256(
+        f"{values.dtype.str}{values.shape}".encode() + values.tobytes()
+    ).hexdigest()

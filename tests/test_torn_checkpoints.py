@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data import cached_work
 from data.errors import InputError
 from tests.jobs import run_job, scalars
 from trainer.checkpoints import TORN, Checkpoints, unreadable
@@ -118,3 +119,32 @@ def test_a_job_resumes_exactly_from_the_checkpoint_before_a_torn_one(tmp_path):
     assert failed.returncode == 2, failed.stderr[-2000:]
     assert "error: no checkpoint in" in failed.stderr and "ckpt-20 (" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.parametrize("tear", ["truncated", "zeroed block", "bytes changed"])
+def test_a_torn_data_cache_file_is_computed_again_never_trusted(tmp_path, capfd, tear):
+    """The data cache (image checks, TFRecord indexes): a torn file is named, computed
+    again and rewritten whole."""
+    computed = []
+    values = np.arange(5000, dtype=np.float64) % 7  # 40 kB, like an image-check vector
+
+    def compute():
+        computed.append(1)
+        return values
+
+    with cached_work.using(cached_work.SharedWork(str(tmp_path))):
+        cached_work.cached("image-check", "key", compute)
+        (path,) = tmp_path.glob("image-check-key.*")
+        np.testing.assert_array_equal(cached_work.cached("image-check", "key", compute), values)
+        assert len(computed) == 1  # read back
+        if tear == "truncated":
+            os.truncate(path, os.path.getsize(path) // 2)
+        else:
+            with open(path, "r+b") as f:
+                f.seek(8192)
+                f.write(b"\0" * 4096 if tear == "zeroed block" else b"\1")
+        np.testing.assert_array_equal(cached_work.cached("image-check", "key", compute), values)
+        assert len(computed) == 2
+        assert f"warning: cache file {path} is torn; computing it again" in capfd.readouterr().err
+        np.testing.assert_array_equal(cached_work.cached("image-check", "key", compute), values)
+        assert len(computed) == 2  # the rewritten file reads whole

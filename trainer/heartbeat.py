@@ -3,7 +3,8 @@
 A collective that waits too long only knows that it waited: Gloo says "Timed out waiting
 600000ms for recv operation", NCCL and TensorFlow's collectives say less. So every
 process of a multi-process job writes `<workdir>/heartbeats/worker-<rank>.json` (its
-rank, host, process id, the step it is at and the time) from a thread every few seconds.
+rank, host, process id, the step it is at and the time) from a thread every few seconds
+and when its step changes (at most once a second).
 After a timeout the worker that noticed reads them: a worker whose file stopped changing
 (stopped, swapping, its host gone), whose process on this host is gone, or that is
 behind the others' step is the one that did not answer. The workdir is on storage every
@@ -49,7 +50,13 @@ class Heartbeat:
         self._stop.set()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
+        """A heartbeat every `interval`, and within a second of a new step (so the step
+        a silent worker was last heard at is the one it stopped in)."""
+        written_step, written_at = self.step, time.monotonic()
+        while not self._stop.wait(min(1.0, self.interval)):
+            if self.step == written_step and time.monotonic() - written_at < self.interval:
+                continue
+            written_step, written_at = self.step, time.monotonic()
             try:
                 self._write()
             except OSError:

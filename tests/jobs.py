@@ -217,16 +217,16 @@ def worker_of_rank(tree, rank: int):
     raise AssertionError(f"no worker of rank {rank} among {workers_of(tree)}")
 
 
-def stop_rank_1(workdir, launcher, params, pause, ready=None, **env):
-    """Runs the job, stops worker 1 (SIGSTOP) once 3 steps are logged (and `ready()`),
-    continues it after `pause` seconds (None: never). Returns (exit status, stdout,
-    stderr, seconds from the stop to the job's end)."""
+def stop_rank_1(workdir, launcher, params, pause, ready=None, stop_with=signal.SIGSTOP, **env):
+    """Runs the job, stops worker 1 (`stop_with`, SIGSTOP by default) once 3 steps are
+    logged (and `ready()`), continues it after `pause` seconds (None: never). Returns
+    (exit status, stdout, stderr, seconds from the stop to the job's end)."""
     job = start_job(workdir, params, launcher, **env)
     with killing_all_at_exit(job) as tree:
         wait_for(lambda: logged_steps(workdir) >= 3 and (ready is None or ready()), job)
         worker = worker_of_rank(tree, 1)
         stopped_at = time.time()
-        worker.send_signal(signal.SIGSTOP)
+        worker.send_signal(stop_with)
         if pause is not None:
             time.sleep(pause)
             worker.send_signal(signal.SIGCONT)

@@ -1,10 +1,13 @@
 """`distribute.timeout_seconds`: a 45 s pause of one worker is survived exactly, a worker
 stopped for good ends the job naming it, on Horovod and on MultiWorkerMirrored."""
 
+import inspect
 import json
 import os
+import signal
 import socket
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -62,6 +65,27 @@ def test_a_worker_stopped_for_good_ends_the_job_naming_it(tmp_path, backend):
     assert last and f"the last complete checkpoint is {last}: the same command resumes" in line, (
         line
     )
+    assert SHORT_TIMEOUT <= took < SHORT_TIMEOUT + 45, took
+
+
+def test_a_multi_worker_job_with_a_worker_alive_but_stuck_ends_saying_where_it_is(tmp_path):
+    """Its heartbeat goes on, so only what its main thread was doing singles it out.
+    (Horovod on Gloo does not end such a job: its stall shutdown never fired in a run of
+    100 s at a 20 s timeout; see docs/reliability.md.)"""
+    launcher, env = multi_worker_2()
+    params = JOB + ("train.steps=100000", f"distribute.timeout_seconds={SHORT_TIMEOUT}")
+    hung = os.path.join(os.path.dirname(__file__), "hung_worker")
+    status, _, stderr, took = stop_rank_1(
+        tmp_path, launcher, params, None, stop_with=signal.SIGUSR1, PYTHONPATH=hung, **env
+    )
+    print(f"the job ended {took:.1f} s after worker 1 hung")
+    assert status == collective_timeout.EXIT_STATUS, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert "not answering: rank 1 on host " in line
+    assert (
+        "(alive at step " in line
+        and "; in hang_forever (tests/hung_worker/sitecustomize.py:" in line
+    ), line
     assert SHORT_TIMEOUT <= took < SHORT_TIMEOUT + 45, took
 
 
@@ -128,9 +152,35 @@ def test_the_silent_worker_is_named_from_the_heartbeats(tmp_path):
 def test_a_worker_alive_but_behind_is_named_when_none_fell_silent(tmp_path):
     write_heartbeat(tmp_path, 0, time=1060.0, step=12)
     write_heartbeat(tmp_path, 1, time=1060.0, step=12)
-    write_heartbeat(tmp_path, 2, time=1060.0, step=11)
+    write_heartbeat(tmp_path, 2, time=1060.0, step=11, doing="in save (checkpoints.py:9)")
     named = heartbeat.unanswering(str(tmp_path), 3, me=1, timeout_seconds=60, now=1061.0)
-    assert named == ["rank 2 on host node-a (still at step 11, the others at 12)"]
+    assert named == [
+        "rank 2 on host node-a (still at step 11, the others at 12; in save (checkpoints.py:9))"
+    ]
+
+
+def test_with_every_worker_alive_at_one_step_each_one_s_whereabouts_are_said(tmp_path):
+    write_heartbeat(tmp_path, 0, time=1060.0, doing="in quick_execute (execute.py:53)")
+    write_heartbeat(tmp_path, 1, time=1060.0, doing="in sleep (hang.py:4) from trainer/loop.py:9")
+    named = heartbeat.unanswering(str(tmp_path), 2, me=0, timeout_seconds=60, now=1061.0)
+    assert named == [
+        "rank 1 on host node-a (alive at step 10; in sleep (hang.py:4) from trainer/loop.py:9)"
+    ]
+
+
+def test_the_heartbeat_says_where_the_main_thread_is():
+    said, done = [], threading.Event()
+
+    def look():
+        time.sleep(0.2)  # the main thread is in done.wait() by then
+        said.append(heartbeat.main_thread_doing())
+        done.set()
+
+    threading.Thread(target=look).start()
+    done.wait()
+    waiting_at = inspect.currentframe().f_lineno - 1
+    assert said[0].startswith("in wait (threading.py:"), said
+    assert said[0].endswith(f") from tests/test_collective_timeout.py:{waiting_at}"), said
 
 
 def test_a_worker_whose_process_ended_on_this_host_is_named(tmp_path):

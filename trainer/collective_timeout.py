@@ -35,9 +35,10 @@ def checked(timeout_seconds) -> float:
 
 def horovod_environment(timeout_seconds: float) -> dict[str, str]:
     """Horovod's variables for the timeout, set before `hvd.init()` reads them: Gloo's
-    own timeout, and the stall check (a warning, then shutdown) that also ends a wait on
-    a worker whose background thread lives but which never submits (NCCL, or a Python
-    thread stuck in a slow write)."""
+    own timeout, and the stall check (a warning, then shutdown), Horovod's documented
+    way to end a wait on NCCL. The stall shutdown did not fire on Gloo here: a worker
+    whose main thread hung while its Horovod thread lived was still waited on after
+    100 s at a 20 s timeout (tests/hung_worker; MultiWorkerMirrored ends that job)."""
     seconds = max(1, round(timeout_seconds))
     return {
         "HOROVOD_GLOO_TIMEOUT_SECONDS": str(seconds),
@@ -124,11 +125,7 @@ def message(
     unanswering: list[str], step: int | None, timeout_seconds: float, last: str | None
 ) -> str:
     """The job's last line after a collective timed out."""
-    who = (
-        "; ".join(unanswering)
-        if unanswering
-        else "no worker singled out by its heartbeat (see the other workers' lines)"
-    )
+    who = "; ".join(unanswering) if unanswering else "no other worker has a heartbeat"
     at = f" at step {step}" if step else ""
     rerun = (
         f"the last complete checkpoint is {last}: the same command resumes from there"

@@ -17,8 +17,10 @@ import glob
 import json
 import os
 import socket
+import sys
 import threading
 import time
+import traceback
 
 FOLDER = "heartbeats"
 
@@ -70,6 +72,7 @@ class Heartbeat:
             "pid": os.getpid(),
             "step": self.step,
             "time": time.time(),
+            "doing": main_thread_doing(),
         }
         temporary = f"{path}.{os.getpid()}.tmp"
         with open(temporary, "w") as file:
@@ -123,7 +126,8 @@ def unanswering(
 
     First the workers that fell silent (no heartbeat for three intervals), never wrote
     one, or whose process on this host is gone; if none, those behind the furthest step
-    (alive but stuck, e.g. in a slow write). Empty if nothing singles anyone out.
+    (alive but stuck, e.g. in a slow write); if none, every other worker with what its
+    main thread was doing (the one stuck outside the collective shows it).
     """
     now = time.time() if now is None else now
     silent_after = 3 * interval_for(timeout_seconds)
@@ -148,12 +152,46 @@ def unanswering(
     if named:
         return named
     furthest = max((record["step"] for record in records.values()), default=0)
-    return [
+    behind = [
         f"rank {rank} on host {record['host']} (still at step {record['step']}, "
-        f"the others at {furthest})"
+        f"the others at {furthest}; {record.get('doing', '?')})"
         for rank, record in records.items()
         if rank != me and record["step"] < furthest
     ]
+    if behind:
+        return behind
+    # Alive and at the same step, yet one did not take part: say what each was doing.
+    return [
+        f"rank {rank} on host {record['host']} (alive at step {record['step']}; "
+        f"{record.get('doing', '?')})"
+        for rank, record in records.items()
+        if rank != me
+    ]
+
+
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main_thread_doing() -> str:
+    """Where this process's main thread is: its innermost frame, and the innermost one
+    of the project's own code if that is another ("in sleep (hang.py:4) from
+    trainer/loop.py:380"). A worker that is alive but stuck is found by this."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return "main thread ended"
+    stack = traceback.extract_stack(frame)
+    innermost = stack[-1]
+    said = f"in {innermost.name} ({_short(innermost.filename)}:{innermost.lineno})"
+    own = [f for f in stack if f.filename.startswith(_PROJECT + os.sep)]
+    if own and own[-1] is not innermost:
+        said += f" from {_short(own[-1].filename)}:{own[-1].lineno}"
+    return said
+
+
+def _short(filename: str) -> str:
+    if filename.startswith(_PROJECT + os.sep):
+        return os.path.relpath(filename, _PROJECT)
+    return os.path.basename(filename)
 
 
 def _alive(pid: int) -> bool:

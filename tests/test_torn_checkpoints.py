@@ -121,6 +121,36 @@ def test_a_job_resumes_exactly_from_the_checkpoint_before_a_torn_one(tmp_path):
     assert "Traceback" not in failed.stderr
 
 
+def test_a_torn_class_centre_file_sends_the_job_back_to_the_checkpoint_before(tmp_path):
+    """A proxy loss's centres are saved beside the checkpoint (centres-<step>): torn, the
+    whole checkpoint of that step is set aside, centres and all."""
+    params = (
+        "train.loss=@ArcFaceLoss()",
+        "ArcFaceLoss.scale=16.0",
+        "ArcFaceLoss.num_classes=20",
+        "distribute.strategy='mirrored'",
+        "distribute.cpu_replicas=2",
+        "train.steps=12",
+        "train.checkpoint_every=6",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        "train.export_model=False",
+    )
+    run_job(tmp_path, params)
+    first = scalars(tmp_path, "train/loss")
+    checkpoints = tmp_path / "checkpoints"
+    _zero_a_block(str(checkpoints / "centres-12"))
+    resumed = run_job(tmp_path, params)
+    assert "ckpt-6 at step 6" in resumed.stdout, resumed.stdout[-2000:]
+    assert "ckpt-12 cannot be read (its centres centres-12: " in resumed.stderr
+    moved = sorted(os.listdir(checkpoints / TORN))
+    assert any(name.startswith("centres-12.") for name in moved), moved
+    assert any(name.startswith("ckpt-12.") for name in moved), moved
+    again = scalars(tmp_path, "train/loss")
+    for step in range(7, 13):
+        np.testing.assert_allclose(again[step], first[step], rtol=1e-4)
+
+
 @pytest.mark.parametrize("tear", ["truncated", "zeroed block", "bytes changed"])
 def test_a_torn_data_cache_file_is_computed_again_never_trusted(tmp_path, capfd, tear):
     """The data cache (image checks, TFRecord indexes): a torn file is named, computed

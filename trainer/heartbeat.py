@@ -20,7 +20,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 
 FOLDER = "heartbeats"
 
@@ -179,19 +178,25 @@ def main_thread_doing() -> str:
     frame = sys._current_frames().get(threading.main_thread().ident)
     if frame is None:
         return "main thread ended"
-    stack = traceback.extract_stack(frame)
-    innermost = stack[-1]
-    said = f"in {innermost.name} ({_short(innermost.filename)}:{innermost.lineno})"
-    own = [f for f in stack if f.filename.startswith(_PROJECT + os.sep)]
-    if own and own[-1] is not innermost:
-        said += f" from {_short(own[-1].filename)}:{own[-1].lineno}"
+    innermost, own = frame, None  # walked without reading any source (once a second)
+    while frame is not None and own is None:
+        if frame.f_code.co_filename.startswith(_PROJECT + os.sep):
+            own = frame
+        frame = frame.f_back
+    said = f"in {innermost.f_code.co_name} ({_place(innermost)})"
+    if own is not None and own is not innermost:
+        said += f" from {_place(own)}"
     return said
 
 
-def _short(filename: str) -> str:
+def _place(frame) -> str:
+    """file:line, the file relative to the project if it is the project's own."""
+    filename = frame.f_code.co_filename
     if filename.startswith(_PROJECT + os.sep):
-        return os.path.relpath(filename, _PROJECT)
-    return os.path.basename(filename)
+        filename = os.path.relpath(filename, _PROJECT)
+    else:
+        filename = os.path.basename(filename)
+    return f"{filename}:{frame.f_lineno}"
 
 
 def _alive(pid: int) -> bool:

@@ -388,12 +388,16 @@ class HorovodReplicas(Replicas):
         import horovod.tensorflow as hvd
 
         self.hvd = hvd
-        self.timeout_seconds = timeout_seconds
-        collective_timeout.set_horovod_environment(timeout_seconds)
-        hvd.init()
-        place(per_worker=True, local_rank=hvd.local_rank(), local_size=hvd.local_size())
         # horovodrun with a host-discovery script: ranks and size change during the job.
         self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
+        if not self.elastic:
+            # An elastic job keeps Gloo's 30 s: a worker whose host was removed can hold
+            # the others' collectives until it runs out, and with 600 s the job stalled
+            # for longer than that (test_elastic, killing a worker of a 2-slot host).
+            self.timeout_seconds = timeout_seconds
+            collective_timeout.set_horovod_environment(timeout_seconds)
+        hvd.init()
+        place(per_worker=True, local_rank=hvd.local_rank(), local_size=hvd.local_size())
 
     @property
     def size(self) -> int:

@@ -1,11 +1,18 @@
 """Sharded class centres (Partial FC): memory per process and step time, on Horovod workers.
 
   python -m bench.centres [--classes 1000000] [--dim 128] [--workers 1 2 4]
-                          [--time-classes 100000] [--steps 10]
+                          [--time-classes 100000] [--steps 10] [--save-rounds 2]
 
 Memory: each of N Horovod processes builds a proxy loss's centres with their Adam slots
 (`trainer.class_centres.ShardedCentres`, ArcFace) for C classes of width D, and reports
 their bytes and its resident-memory growth; both must fall as 1/N.
+
+Saving (--save-rounds > 0): each worker count saves its centres and slots into a
+checkpoint in a temporary folder, alternately as the job does (every process writes its
+own rows, the chief merges the indexes) and gathered onto the chief (what the job did
+before: every process receives the whole matrices, the chief writes them). Reported per
+mode: the median wall time from a barrier before to a barrier after, and the most any one
+process's resident memory rose above where it stood before the save (sampled every 5 ms).
 
 Step time (2 workers, --time-classes): the centre part of an ArcFace step (gathered
 global batch of 512 × D against the shard, the per-example all-reduces, the gradient
@@ -31,7 +38,64 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(classes: int, dim: int, steps: int, timed: bool) -> None:
+def gathered_save(centres, directory: str, step: int) -> None:
+    """The save as it was: the whole matrices gathered on every process, the chief writes."""
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.class_centres import centres_prefix
+
+    full = centres.gathered()
+    if centres.replicas.is_chief:
+        names = [*full, "iterations"]
+        tensors = [*full.values(), np.array(centres.shards[0].iterations.numpy(), np.int64)]
+        tf.raw_ops.SaveV2(prefix=centres_prefix(directory, step), tensor_names=names,
+                          shape_and_slices=[""] * len(names), tensors=tensors)  # fmt: skip
+
+
+def timed_saves(centres, replicas, rounds: int) -> dict:
+    """Median seconds and the largest per-process resident-memory rise of each way to save."""
+    import shutil
+    import tempfile
+    import threading
+    import time
+
+    import numpy as np
+
+    directory = replicas.agree(tempfile.mkdtemp(prefix="bench-centres-"))
+    ways = {"per_shard": centres.save, "gathered": lambda d, s: gathered_save(centres, d, s)}
+    seconds, rise = {w: [] for w in ways}, {w: 0.0 for w in ways}
+    for round_ in range(rounds):
+        for way, save in ways.items():
+            replicas.sum_over_processes([0.0])
+            before, peak, done = _rss_bytes(), [0], threading.Event()
+
+            def sample(peak=peak, done=done):
+                while not done.wait(0.005):
+                    peak[0] = max(peak[0], _rss_bytes())
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            start = time.perf_counter()
+            save(directory, round_)
+            replicas.sum_over_processes([0.0])
+            seconds[way].append(time.perf_counter() - start)
+            done.set()
+            sampler.join()
+            most = replicas.gather_process_rows(np.array([max(peak[0], _rss_bytes()) - before]))
+            rise[way] = max(rise[way], float(most.max()))
+            if replicas.is_chief:
+                shutil.rmtree(directory)
+                os.makedirs(directory)
+    if replicas.is_chief:
+        shutil.rmtree(directory, ignore_errors=True)
+    return {
+        **{f"save_{w}_s": float(np.median(seconds[w])) for w in ways},
+        **{f"save_{w}_rise": rise[w] for w in ways},
+    }
+
+
+def worker(classes: int, dim: int, steps: int, timed: bool, save_rounds: int = 0) -> None:
     """One Horovod process: builds the centres (and times steps); rank 0 prints JSON."""
     import time
 
@@ -48,6 +112,8 @@ def worker(classes: int, dim: int, steps: int, timed: bool) -> None:
     centres = ShardedCentres(loss, replicas, classes, dim, "adam", schedule=lambda _: 1e-3)
     grown = _rss_bytes() - before
     result = {"workers": replicas.size, "bytes": centres.local_bytes(), "rss_growth": grown}
+    if save_rounds:
+        result.update(timed_saves(centres, replicas, save_rounds))
     if timed:
         rng = np.random.default_rng(replicas.rank)
         batch = 512 // replicas.size
@@ -85,12 +151,12 @@ def worker(classes: int, dim: int, steps: int, timed: bool) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def run(workers: int, classes: int, dim: int, steps: int, timed: bool) -> dict:
+def run(workers: int, classes: int, dim: int, steps: int, timed: bool, save_rounds=0) -> dict:
     command = [
         os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(workers), "-H",
         f"localhost:{workers}", "--gloo", sys.executable, "-m", "bench.centres", "--worker",
         "--classes", str(classes), "--dim", str(dim), "--steps", str(steps),
-        *(["--timed"] if timed else []),
+        *(["--timed"] if timed else []), "--save-rounds", str(save_rounds),
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -107,16 +173,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--time-classes", type=int, default=100_000)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--save-rounds", type=int, default=2,
+                        help="saves timed per way and worker count (0: none)")  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--timed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.classes, args.dim, args.steps, args.timed)
+        worker(args.classes, args.dim, args.steps, args.timed, args.save_rounds)
         return
     print(f"centres + Adam slots, ArcFace, C = {args.classes:,}, D = {args.dim}", flush=True)
     first = None
     for n in args.workers:
-        r = run(n, args.classes, args.dim, args.steps, timed=False)
+        r = run(n, args.classes, args.dim, args.steps, timed=False, save_rounds=args.save_rounds)
         first = first or r["bytes"] * r["workers"]
         print(
             f"  {n} worker(s): {r['bytes'] / 2**20:8.1f} MiB of centres and slots per process "
@@ -124,6 +192,13 @@ def main() -> None:
             f"{r['rss_growth'] / 2**20:8.1f} MiB",
             flush=True,
         )
+        if args.save_rounds:
+            print(
+                f"    save, median of {args.save_rounds}: per shard {r['save_per_shard_s']:6.2f} s "
+                f"(+{r['save_per_shard_rise'] / 2**20:7.1f} MiB at most per process), gathered "
+                f"{r['save_gathered_s']:6.2f} s (+{r['save_gathered_rise'] / 2**20:7.1f} MiB)",
+                flush=True,
+            )
     r = run(2, args.time_classes, args.dim, args.steps, timed=True)
     base = r["data_parallel_full_ms"]
     print(f"ArcFace centre step, C = {args.time_classes:,}, 2 workers, global batch 512:")

@@ -20,10 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOROVOD_SH = os.path.join(ROOT, "launch", "horovod.sh")
 HOROVOD_2 = (HOROVOD_SH, "2")  # launcher of two Horovod workers on this machine
 # horovodrun itself, two workers on this machine (Gloo), for a script's argv after it.
-HOROVODRUN_2 = (
-    os.path.join(os.path.dirname(sys.executable), "horovodrun"),
-    *("-np", "2", "--gloo", "-H", "localhost:2"),
-)
+def horovodrun(workers: int) -> tuple[str, ...]:
+    """horovodrun itself, `workers` workers on this machine (Gloo), for a script's argv."""
+    hosts = f"localhost:{workers}"
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    return (horovodrun, "-np", str(workers), "--gloo", "-H", hosts)
+
+
+HOROVODRUN_2 = horovodrun(2)
 
 # A short digits job: 6 steps at global batch 64 (4 classes × 16), every step logged.
 SHORT_JOB = (
@@ -59,10 +63,13 @@ def straight_and_resumed(folder, params=(), steps=6, stop_after=3):
     return straight, stopped, cut.stdout, resumed.stdout
 
 
-def run_horovod_2(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m module args` on two Horovod workers of this machine; must succeed."""
+def run_horovod_2(
+    module: str, *args: str, timeout: int = 300, workers: int = 2
+) -> subprocess.CompletedProcess:
+    """`python -m module args` on two (or `workers`) Horovod workers of this machine;
+    must succeed."""
     done = subprocess.run(
-        [*HOROVODRUN_2, sys.executable, "-m", module, *args],
+        [*horovodrun(workers), sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=job_env(),
         capture_output=True,

@@ -9,8 +9,9 @@ its replica: the shard is updated where it lives, by TensorFlow's fused optimize
 kernels (Keras' optimizers sum gradients over replicas, which a shard must not do).
 
 Checkpoints hold the whole matrix, in class order, so a job resumes on any replica
-count: the chief gathers the shards when it saves, and each replica reads back only its
-rows (a sliced restore). The file sits beside the checkpoint it belongs to. An elastic
+count. Each process writes its own rows (slices of the whole matrix) and the chief merges
+the parts' indexes, so no host holds more than its rows; each replica reads back only its
+rows (a sliced restore), from whichever parts overlap them. The file sits beside the checkpoint it belongs to. An elastic
 job re-shards from the whole matrices it keeps at each commit (`reshard`).
 """
 
@@ -20,6 +21,7 @@ import contextlib
 import glob
 import os
 import re
+import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -195,19 +197,81 @@ class ShardedCentres:
         return result
 
     def save(self, directory: str, step: int) -> None:
-        """Writes the whole centres and slots for checkpoint `step` (the chief writes;
-        every process must call: the shards are gathered)."""
-        full = self.gathered()
-        if not self.replicas.is_chief:
-            return
-        names = [*full, "iterations"]
-        tensors = [*full.values(), np.array(self.shards[0].iterations.numpy(), np.int64)]
+        """Writes checkpoint `step`'s centres and slots where they live: every process
+        writes its own shards' rows (slices of the whole matrices) into a part file, and
+        the chief merges the parts' indexes into `centres-<step>`, renaming their data
+        files. Nothing is gathered: no host holds more than its own rows. Every process
+        must call, and every worker must see the workdir (as on restore)."""
+        try:
+            wrote, failure = self.write_part(directory, step, self.part()), None
+        except (tf.errors.OpError, OSError) as error:
+            wrote, failure = False, error
+        outcome = self.replicas.sum_over_processes(self.outcome(wrote, failure))
+        self.merge_parts(directory, step, outcome, failure)
+
+    def part(self, snapshot: bool = False) -> list[tuple[str, str, object]]:
+        """This process's rows of every saved matrix, as (name, slice of the whole, value);
+        the values copied to host memory if `snapshot` (for a write while training goes
+        on), else read as they are. The chief adds the step count."""
+        k, rows = self.rows_per_class, self.num_classes * self.rows_per_class
+        entries = []
+        for index, shard in enumerate(self.shards):
+            first, end = self.bounds[self.replicas.first_local_replica + index]
+            if end == first:  # more replicas than classes: an empty shard
+                continue
+            spec = f"{rows} {self.embedding_dim} {first * k},{(end - first) * k}:-"
+            for name in SAVED:
+                value = _saved(shard, name, variable=True)
+                if value is not None:
+                    entries.append((name, spec, value.numpy().copy() if snapshot else value.read_value()))
+        if self.replicas.is_chief:
+            entries.append(("iterations", "", np.array(self.shards[0].iterations.numpy(), np.int64)))
+        return entries
+
+    def write_part(self, directory: str, step: int, entries) -> bool:
+        """Writes `entries` (from `part`) as this process's part of checkpoint `step`;
+        False when there is nothing to write. May run in a thread: no collective."""
+        if not entries:
+            return False
+        parts = parts_directory(directory, step)
+        os.makedirs(parts, exist_ok=True)
+        names, slices, values = zip(*entries, strict=True)
         tf.raw_ops.SaveV2(
-            prefix=centres_prefix(directory, step),
-            tensor_names=names,
-            shape_and_slices=[""] * len(names),
-            tensors=tensors,
+            prefix=os.path.join(parts, f"process-{self.replicas.rank}"),
+            tensor_names=list(names),
+            shape_and_slices=list(slices),
+            tensors=list(values),
         )
+        return True
+
+    def outcome(self, wrote: bool, failure: BaseException | None) -> np.ndarray:
+        """This process's [wrote, failed] flags in its place of a vector over processes;
+        their sum over processes is what `merge_parts` reads."""
+        flags = np.zeros(2 * self.replicas.processes)
+        flags[2 * self.replicas.rank + (failure is not None)] = float(wrote or failure is not None)
+        return flags
+
+    def merge_parts(self, directory: str, step: int, outcome, failure=None) -> None:
+        """After every process wrote its part (`outcome`: the summed flags): raises this
+        process's own `failure` (a full disk, with its path) or names the processes that
+        failed; else the chief merges the parts into `centres-<step>`. A collective."""
+        if failure is not None:
+            raise failure
+        flags = np.asarray(outcome).reshape(-1, 2)
+        failed = [rank for rank, (_, bad) in enumerate(flags) if bad]
+        if failed:
+            raise OSError(
+                f"process(es) {failed} could not write their class centres for checkpoint "
+                f"{step} (their own log says why); checkpoint {step} does not count"
+            )
+        merged = None
+        if self.replicas.is_chief:
+            merged = _merge(parts_directory(directory, step),
+                            [r for r, (wrote, _) in enumerate(flags) if wrote],
+                            centres_prefix(directory, step))  # fmt: skip
+        problem = self.replicas.agree(merged)
+        if problem:
+            raise OSError(f"the class centres of checkpoint {step} were not merged: {problem}")
 
     def restore(self, directory: str, step: int) -> None:
         """Reads this replica's rows of checkpoint `step`'s centres and slots (any
@@ -260,6 +324,33 @@ class ShardedCentres:
 
 def centres_prefix(directory: str, step: int) -> str:
     return os.path.join(directory, f"centres-{step}")
+
+
+def parts_directory(directory: str, step: int) -> str:
+    """Where the processes write their parts of `step`'s centres before the merge (the
+    `<prefix>_temp` of TensorFlow's own sharded saves, so a failed save is cleared alike)."""
+    return centres_prefix(directory, step) + "_temp"
+
+
+def _merge(parts: str, ranks, prefix: str) -> str | None:
+    """Merges the part files of processes `ranks` into checkpoint `prefix`; None, or
+    why not (a part missing: a worker that does not see the workdir)."""
+    prefixes = [os.path.join(parts, f"process-{rank}") for rank in ranks]
+    missing = [p for p in prefixes if not os.path.exists(p + ".index")]
+    if missing:
+        return (
+            f"{', '.join(missing)} not found: every worker of a job with sharded centres "
+            "must write into the same workdir (a shared file system)"
+        )
+    try:
+        tf.raw_ops.MergeV2Checkpoints(
+            checkpoint_prefixes=prefixes, destination_prefix=prefix, delete_old_dirs=False
+        )
+    except (tf.errors.OpError, OSError) as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)  # and any stale part of an earlier run
+    return None
 
 
 def _saved(shard: _Shard, name: str, variable: bool = False):

@@ -95,6 +95,27 @@ def timed_saves(centres, replicas, rounds: int) -> dict:
     }
 
 
+def centre_step(replicas, shards, batch: int):
+    """The centre part of an ArcFace step on `shards` (a tf.function of x, y): the
+    gathered batch against this replica's shard, the gradient and the shard's update."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(x, y):
+        keys = replicas.all_gather(x, (batch,) * replicas.size)
+        labels = replicas.all_gather(tf.cast(y, tf.float32)[:, None], None)[:, 0]
+        labels = tf.cast(labels, tf.int32)
+        shard = shards.variable()
+        with tf.GradientTape() as tape:
+            tape.watch(keys)
+            block = shards.block(keys, labels, shards.shards[0].iterations)
+        grad_keys, grad_c = tape.gradient(block.surrogate, [keys, shard])
+        shards.apply(grad_c)
+        return block.value, tf.reduce_sum(grad_keys)
+
+    return step
+
+
 def worker(classes: int, dim: int, steps: int, timed: bool, save_rounds: int = 0) -> None:
     """One Horovod process: builds the centres (and times steps); rank 0 prints JSON."""
     import time
@@ -125,18 +146,7 @@ def worker(classes: int, dim: int, steps: int, timed: bool, save_rounds: int = 0
             shards = ShardedCentres(loss, backend, classes, dim, "adam", lambda _: 1e-3)
             result[f"{name}_bytes"] = shards.local_bytes()
 
-            @tf.function
-            def step(x, y, shards=shards):
-                keys = replicas.all_gather(x, (batch,) * replicas.size)
-                labels = replicas.all_gather(tf.cast(y, tf.float32)[:, None], None)[:, 0]
-                labels = tf.cast(labels, tf.int32)
-                shard = shards.variable()
-                with tf.GradientTape() as tape:
-                    tape.watch(keys)
-                    block = shards.block(keys, labels, shards.shards[0].iterations)
-                grad_keys, grad_c = tape.gradient(block.surrogate, [keys, shard])
-                shards.apply(grad_c)
-                return block.value, tf.reduce_sum(grad_keys)
+            step = centre_step(replicas, shards, batch)
 
             times = []
             for s in range(steps + 2):

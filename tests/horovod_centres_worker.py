@@ -22,7 +22,8 @@ CLASSES, DIM, ITERATIONS = 11, 6, 17  # 11 classes: uneven shards on 2 and 4 wor
 def whole() -> dict:
     """Stand-ins for trained values, different in every entry (bit patterns included)."""
     rng = np.random.default_rng(7)
-    return {name: rng.normal(size=(CLASSES, DIM)).astype(np.float32) for name in ("centres", "m", "v")}
+    shape = (CLASSES, DIM)
+    return {name: rng.normal(size=shape).astype(np.float32) for name in ("centres", "m", "v")}
 
 
 def refuse_gathering(array):

@@ -19,7 +19,8 @@ from tensorboard.backend.event_processing import event_accumulator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOROVOD_SH = os.path.join(ROOT, "launch", "horovod.sh")
 HOROVOD_2 = (HOROVOD_SH, "2")  # launcher of two Horovod workers on this machine
-# horovodrun itself, two workers on this machine (Gloo), for a script's argv after it.
+
+
 def horovodrun(workers: int) -> tuple[str, ...]:
     """horovodrun itself, `workers` workers on this machine (Gloo), for a script's argv."""
     hosts = f"localhost:{workers}"
@@ -27,7 +28,7 @@ def horovodrun(workers: int) -> tuple[str, ...]:
     return (horovodrun, "-np", str(workers), "--gloo", "-H", hosts)
 
 
-HOROVODRUN_2 = horovodrun(2)
+HOROVODRUN_2 = horovodrun(2)  # two workers, for a script's argv after it
 
 # A short digits job: 6 steps at global batch 64 (4 classes × 16), every step logged.
 SHORT_JOB = (

@@ -20,6 +20,21 @@ LOSSES = {
     "arcface_partial_fc": lambda **kw: losses.ArcFaceLoss(scale=16.0, sample_rate=0.5, **kw),
 }
 
+# A digits job with ArcFace centres sharded over its replicas, for the job-level tests.
+PROXY_JOB = (
+    "train.loss=@ArcFaceLoss()",
+    "ArcFaceLoss.scale=16.0",
+    "ArcFaceLoss.num_classes=20",  # 14 classes never in a batch: Partial FC draws among them
+    "ArcFaceLoss.sample_rate=0.5",
+    "train.learning_rate=0.01",
+    "train.steps=12",
+    "train.log_every=1",
+    "train.checkpoint_every=6",
+    "train.eval_every=100",
+    "train.export_model=False",
+    "distribute.strategy='mirrored'",
+)
+
 
 def batches(steps=STEPS):
     """Global batches of 24 rows over classes 0-5 (class 6 never appears)."""

@@ -13,7 +13,7 @@ import losses
 from losses import proxies
 from tests.cross_replica_case import mirrored
 from tests.jobs import run_horovod_2, run_job, scalars
-from tests.proxy_case import CLASSES, LOSSES, train
+from tests.proxy_case import CLASSES, LOSSES, PROXY_JOB, train
 from trainer.replicas import Replicas
 
 FUNCTIONS = {
@@ -219,21 +219,6 @@ def test_horovod_workers_with_sharded_centres_train_as_one_device(tmp_path):
         np.testing.assert_allclose(got[f"fit/{name}"], one_centres[name], rtol=1e-5, atol=1e-6)
     for i, w in enumerate(one.get_weights()):
         np.testing.assert_allclose(got[f"fit/weight{i}"], w, rtol=1e-5, atol=1e-6)
-
-
-PROXY_JOB = (
-    "train.loss=@ArcFaceLoss()",
-    "ArcFaceLoss.scale=16.0",
-    "ArcFaceLoss.num_classes=20",  # 14 classes never in a batch: Partial FC draws among them
-    "ArcFaceLoss.sample_rate=0.5",
-    "train.learning_rate=0.01",
-    "train.steps=12",
-    "train.log_every=1",
-    "train.checkpoint_every=6",
-    "train.eval_every=100",
-    "train.export_model=False",
-    "distribute.strategy='mirrored'",
-)
 
 
 def test_a_job_resumed_on_more_replicas_reshards_its_centres(tmp_path):

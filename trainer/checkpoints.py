@@ -8,6 +8,14 @@ every worker from the checkpoint (trainer/class_centres.py). TensorFlow
 writes a checkpoint's files first and the `checkpoint` index last (atomically), so a
 run killed mid-save resumes from the previous complete checkpoint.
 
+With `checkpoints.asynchronous` (gin; on by default), a proxy loss's class centres, the
+part that grows with the classes (1.5 GiB at 1M × 128 with Adam), are written by a
+thread from a host snapshot while the steps go on; the model and optimizer are written
+at once. The checkpoint counts only when every process's centres are on disk: at the
+next step where the processes agree anyway (log, checkpoint, evaluation), the chief
+merges them and writes the index, last. A kill before leaves the previous checkpoint
+the newest complete one.
+
 A checkpoint can still be torn after it was complete (a copy cut short, a shared file
 system losing a block). On restart every tensor of the newest one is read first, its
 class centres too (TensorFlow checks each tensor's checksum); one that does not read is
@@ -20,8 +28,15 @@ import glob
 import os
 import shutil
 import sys
+import threading
+import time
 
+import gin
+import numpy as np
 import tensorflow as tf
+
+# CheckpointManager's own writer of the index: the public one (tf.compat.v1) is deprecated.
+from tensorflow.python.checkpoint.checkpoint_management import update_checkpoint_state_internal
 
 from data.errors import InputError
 from trainer.class_centres import centres_prefix
@@ -52,9 +67,42 @@ def unreadable(prefix: str) -> str | None:
     return None
 
 
+@gin.configurable("checkpoints")
+def asynchronous_checkpoints(asynchronous: bool = True) -> bool:
+    """Whether a proxy loss's centres are written while the steps go on (gin/base.gin)."""
+    if not isinstance(asynchronous, bool):
+        raise InputError(f"checkpoints.asynchronous must be True or False, got {asynchronous!r}.")
+    return asynchronous
+
+
+class _PendingSave:
+    """A checkpoint whose model part is on disk and whose centres a thread is writing."""
+
+    def __init__(self, step: int, path: str | None, write):
+        self.step, self.path = step, path  # path: the model part's prefix (chief)
+        self.wrote, self.failure = False, None
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(write,), daemon=True,
+                                       name=f"checkpoint-{step}")  # fmt: skip
+        self.thread.start()
+
+    def _run(self, write) -> None:
+        try:
+            self.wrote = write()
+        except BaseException as error:  # raised in the main thread when the save settles
+            self.failure = error
+        finally:
+            self.finished.set()
+
+
 class Checkpoints:
-    def __init__(self, directory: str, replicas, keep: int, centres=None, **trackables):
+    def __init__(
+        self, directory: str, replicas, keep: int, centres=None, asynchronous=False, **trackables
+    ):
         self.replicas = replicas
+        # Only a proxy loss's centres are written in the background (see the docstring).
+        self.asynchronous = asynchronous and centres is not None
+        self._pending: _PendingSave | None = None
         self.centres = centres  # trainer.class_centres.ShardedCentres: saved beside
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.checkpoint = tf.train.Checkpoint(step=self.step, **trackables)
@@ -143,10 +191,7 @@ class Checkpoints:
                     file=sys.stderr,
                     flush=True,
                 )
-            kept = [p for p in candidates if p not in dict(torn)]
-            tf.compat.v1.train.update_checkpoint_state(
-                self.directory, resume_from, all_model_checkpoint_paths=kept
-            )
+            self._write_index(resume_from, [p for p in candidates if p not in dict(torn)])
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, self.directory, max_to_keep=self.keep
         )
@@ -164,15 +209,36 @@ class Checkpoints:
     def latest(self) -> str | None:
         return self.manager.latest_checkpoint
 
-    def save(self, step: int) -> str | None:
-        """Writes a checkpoint at `step` (chief only); returns its path."""
+    def save(self, step: int, wait: bool = True) -> str | None:
+        """Writes a checkpoint at `step` (every process calls); returns its path on the
+        chief once it counts. With `wait=False` on an asynchronous job, the centres are
+        left to a thread and the checkpoint counts at a later `settle` (None now)."""
+        self.finish()  # the one before counts (or fails) first
         self.step.assign(step)
         if self.replicas.is_chief:
             os.makedirs(self.directory, exist_ok=True)
+        if wait or not self.asynchronous:
+            return self._save_now(step)
+        try:
+            entries = self.centres.part(snapshot=True)  # what step `step` holds, in memory
+            path = None
+            if self.replicas.is_chief:  # the model part now; the index only when it counts
+                self.checkpoint.save_counter.assign_add(1)  # as CheckpointManager.save does
+                path = self.checkpoint.write(os.path.join(self.directory, f"ckpt-{step}"))
+        except BaseException:
+            if self.replicas.is_chief:
+                self._remove_partial(step)
+            raise
+        self._pending = _PendingSave(
+            step, path, lambda: self.centres.write_part(self.directory, step, entries)
+        )
+        return None
+
+    def _save_now(self, step: int) -> str | None:
         try:
             if self.centres is not None:
-                # Gathered from every process; written before the checkpoint, whose index
-                # (written last) is what makes either of them count.
+                # Written by every process before the checkpoint, whose index (written
+                # last) is what makes either of them count.
                 self.centres.save(self.directory, step)
             if not self.replicas.is_chief:
                 return None
@@ -181,8 +247,75 @@ class Checkpoints:
             if self.replicas.is_chief:
                 self._remove_partial(step)
             raise
-        if self.centres is not None:
+        self._forget_centres()
+        return path
+
+    def _forget_centres(self) -> None:
+        if self.centres is not None and self.replicas.is_chief:
             self.centres.forget(
                 self.directory, [p.rsplit("-", 1)[1] for p in self.manager.checkpoints]
             )
-        return path
+
+    # --- an asynchronous save: agreed on at the steps where the processes meet anyway ---
+    def progress(self) -> list[float]:
+        """This process's share of the agreement on the pending save (summed over the
+        processes and handed to `settle`): [finished, its wrote/failed flags]."""
+        size = 1 + 2 * self.replicas.processes if self.asynchronous else 0
+        pending = self._pending
+        if pending is None or not pending.finished.is_set():
+            return [0.0] * size
+        return [1.0, *self.centres.outcome(pending.wrote, pending.failure)]
+
+    def settle(self, summed) -> str | None:
+        """Makes the pending save count once every process has written its centres
+        (`summed`: `progress` summed over the processes); raises if a process failed.
+        Returns the checkpoint's path on the chief when it counted."""
+        pending = self._pending
+        if pending is None or not len(summed) or summed[0] < self.replicas.processes:
+            return None
+        self._pending = None
+        try:
+            self.centres.merge_parts(self.directory, pending.step, summed[1:], pending.failure)
+            if not self.replicas.is_chief:
+                return None
+            self._record(pending.path)
+        except BaseException:  # nothing of this step is left, its model part included
+            if self.replicas.is_chief:
+                self._remove_partial(pending.step)
+                for name in glob.glob(glob.escape(pending.path) + ".*"):
+                    os.remove(name)
+            raise
+        self._forget_centres()
+        return pending.path
+
+    def finish(self) -> str | None:
+        """Waits for the pending save and makes it count (every process, at one step)."""
+        if self._pending is None:
+            return None
+        self._pending.finished.wait()
+        return self.settle(np.asarray(self.replicas.sum_over_processes(self.progress())))
+
+    def _record(self, path: str) -> None:
+        """Names `path` in the index (last) and drops the checkpoints beyond `keep`."""
+        kept = [p for p in self.manager.checkpoints if p != path] + [path]
+        for old in kept[: -self.keep]:
+            for name in glob.glob(glob.escape(old) + ".*"):
+                os.remove(name)
+        self._write_index(path, kept[-self.keep :])
+
+    def _write_index(self, latest: str, kept: list[str]) -> None:
+        """Rewrites the `checkpoint` index (atomically) to name `latest` and `kept`, as
+        CheckpointManager does: with save times, without which a new manager would take
+        them for ones to keep for ever (and never delete them or count their centres)."""
+        now = time.time()
+        update_checkpoint_state_internal(
+            self.directory,
+            model_checkpoint_path=latest,
+            all_model_checkpoint_paths=kept,
+            all_model_checkpoint_timestamps=[now] * len(kept),
+            last_preserved_timestamp=now - 1,
+            save_relative_paths=True,
+        )
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, self.directory, max_to_keep=self.keep
+        )

@@ -11,8 +11,9 @@ kernels (Keras' optimizers sum gradients over replicas, which a shard must not d
 Checkpoints hold the whole matrix, in class order, so a job resumes on any replica
 count. Each process writes its own rows (slices of the whole matrix) and the chief merges
 the parts' indexes, so no host holds more than its rows; each replica reads back only its
-rows (a sliced restore), from whichever parts overlap them. The file sits beside the checkpoint it belongs to. An elastic
-job re-shards from the whole matrices it keeps at each commit (`reshard`).
+rows (a sliced restore), from whichever parts overlap them. The files sit beside the
+checkpoint they belong to. An elastic job re-shards from the whole matrices it keeps at
+each commit (`reshard`).
 """
 
 from __future__ import annotations
@@ -223,9 +224,11 @@ class ShardedCentres:
             for name in SAVED:
                 value = _saved(shard, name, variable=True)
                 if value is not None:
-                    entries.append((name, spec, value.numpy().copy() if snapshot else value.read_value()))
+                    copy = value.numpy().copy() if snapshot else value.read_value()
+                    entries.append((name, spec, copy))
         if self.replicas.is_chief:
-            entries.append(("iterations", "", np.array(self.shards[0].iterations.numpy(), np.int64)))
+            steps = np.array(self.shards[0].iterations.numpy(), np.int64)
+            entries.append(("iterations", "", steps))
         return entries
 
     def write_part(self, directory: str, step: int, entries) -> bool:

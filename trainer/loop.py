@@ -391,10 +391,14 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
             # The same steps on every process: the one collective outside the steps (a
             # stop request, or images unreadable at run time, anywhere), and the steps'
             # metrics read from the device at once.
+            # A checkpoint whose centres were being written counts here once all are.
             bad_rows = np.isin(np.arange(agreed + 1, step + 1), unreadable_steps)
-            stop_requested, *unreadable_by_step = job.replicas.sum_over_processes(
-                [stop.requested, *bad_rows]
+            saving = out.checkpoints.progress()
+            stop_requested, *agreement = job.replicas.sum_over_processes(
+                [stop.requested, *saving, *bad_rows]
             )
+            out.checkpoints.settle(np.asarray(agreement[: len(saving)]))
+            unreadable_by_step = agreement[len(saving) :]
             for bad_step in np.flatnonzero(unreadable_by_step) + agreed + 1:
                 _unreadable_in_step(job, int(bad_step))
             unreadable_steps, agreed = [], step
@@ -420,8 +424,8 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
             out.summaries.flush()
             return results
         train_cosine = _refresh_batchnorm(job, step) if evaluated else None
-        if saved:
-            out.checkpoints.save(step)  # with the re-estimated statistics
+        if saved:  # with the re-estimated statistics; the last one complete at once
+            out.checkpoints.save(step, wait=step == last_step)
         if evaluated:
             results, embeddings = _evaluate(job, step, train_cosine)
         if after_step is not None:

@@ -176,6 +176,7 @@ def main(argv) -> None:
         if (
             replicas is not None
             and replicas.processes > 1
+            and not replicas.elastic  # (its own failures are Horovod's to handle)
             and collective_timeout.collective_failed(error)
         ):
             report(TimeoutError(timed_out_message(replicas, workdir)))

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from data.pipeline import eval_batches
 from trainer import export
-from trainer.checkpoints import Checkpoints
+from trainer.checkpoints import Checkpoints, asynchronous_checkpoints
 from trainer.evaluation import Evaluator, format_figures
 from trainer.summaries import Summaries
 
@@ -52,6 +52,7 @@ def open_outputs(
         replicas,
         keep_checkpoints,
         centres=learner.centres,
+        asynchronous=asynchronous_checkpoints() and not replicas.elastic,
         model=learner.model,
         optimizer=learner.optimizer,
         **({"memory": learner.memory} if learner.memory is not None else {}),

@@ -1,7 +1,7 @@
 """The step-time stall of a checkpoint with large class centres, synchronous against
 asynchronous (`checkpoints.asynchronous`).
 
-  python -m bench.checkpoint_stall [--classes 1000000] [--dim 128] [--steps 12]
+  python -m bench.checkpoint_stall [--classes 1000000] [--dim 128] [--steps 30]
                                    [--rounds 2] [--sample-rate 0.01]
 
 One process holds ArcFace's centres with their Adam slots (1M × 128: 1.5 GiB) and runs
@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sample-rate", type=float, default=0.01)
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)

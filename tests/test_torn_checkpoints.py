@@ -149,6 +149,11 @@ def test_a_torn_class_centre_file_sends_the_job_back_to_the_checkpoint_before(tm
     again = scalars(tmp_path, "train/loss")
     for step in range(7, 13):
         np.testing.assert_allclose(again[step], first[step], rtol=1e-4)
+    # The checkpoint resumed from is still kept, with its centres, beside the new one.
+    index = (checkpoints / "checkpoint").read_text()
+    assert 'all_model_checkpoint_paths: "ckpt-6"' in index, index
+    assert (checkpoints / "centres-6.index").exists()
+    assert (checkpoints / "centres-12.index").exists()
 
 
 @pytest.mark.parametrize("tear", ["truncated", "zeroed block", "bytes changed"])

@@ -10,11 +10,12 @@ run killed mid-save resumes from the previous complete checkpoint.
 
 With `checkpoints.asynchronous` (gin; on by default), a proxy loss's class centres, the
 part that grows with the classes (1.5 GiB at 1M × 128 with Adam), are written by a
-thread from a host snapshot while the steps go on; the model and optimizer are written
-at once. The checkpoint counts only when every process's centres are on disk: at the
-next step where the processes agree anyway (log, checkpoint, evaluation), the chief
-merges them and writes the index, last. A kill before leaves the previous checkpoint
-the newest complete one.
+thread while the steps go on, from reads of the variables that TensorFlow keeps intact
+(it copies a variable's buffer before updating it while a read is held); the model and
+optimizer are written at once. The checkpoint counts only when every process's centres
+are on disk: at the next step where the processes agree anyway (log, checkpoint,
+evaluation), the chief merges them and writes the index, last. A kill before leaves the
+previous checkpoint the newest complete one.
 
 A checkpoint can still be torn after it was complete (a copy cut short, a shared file
 system losing a block). On restart every tensor of the newest one is read first, its
@@ -220,7 +221,7 @@ class Checkpoints:
         if wait or not self.asynchronous:
             return self._save_now(step)
         try:
-            entries = self.centres.part(snapshot=True)  # what step `step` holds, in memory
+            entries = self.centres.part()  # what step `step` holds (copied on write)
             path = None
             if self.replicas.is_chief:  # the model part now; the index only when it counts
                 self.checkpoint.save_counter.assign_add(1)  # as CheckpointManager.save does

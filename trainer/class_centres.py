@@ -210,10 +210,12 @@ class ShardedCentres:
         outcome = self.replicas.sum_over_processes(self.outcome(wrote, failure))
         self.merge_parts(directory, step, outcome, failure)
 
-    def part(self, snapshot: bool = False) -> list[tuple[str, str, object]]:
+    def part(self) -> list[tuple[str, str, object]]:
         """This process's rows of every saved matrix, as (name, slice of the whole, value);
-        the values copied to host memory if `snapshot` (for a write while training goes
-        on), else read as they are. The chief adds the step count."""
+        the chief adds the step count. The values are reads of the variables, which are
+        snapshots: TensorFlow copies a variable's buffer before updating it while a read
+        of it is held (copy on write), so a thread can write them while the steps go on,
+        and the copy is paid only then, once, by the next update."""
         k, rows = self.rows_per_class, self.num_classes * self.rows_per_class
         entries = []
         for index, shard in enumerate(self.shards):
@@ -224,8 +226,7 @@ class ShardedCentres:
             for name in SAVED:
                 value = _saved(shard, name, variable=True)
                 if value is not None:
-                    copy = value.numpy().copy() if snapshot else value.read_value()
-                    entries.append((name, spec, copy))
+                    entries.append((name, spec, value.read_value()))
         if self.replicas.is_chief:
             steps = np.array(self.shards[0].iterations.numpy(), np.int64)
             entries.append(("iterations", "", steps))

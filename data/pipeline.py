@@ -176,6 +176,13 @@ def _encoded(source: Source):
     return encoded
 
 
+def encoded_images(source: Source, indices) -> list[bytes]:
+    """The encoded bytes (a file's, or a record's image) of examples `indices` of a file
+    or record source: what a server would be sent."""
+    encoded = _encoded(source)
+    return [encoded(tf.constant(int(i), tf.int64)).numpy() for i in indices]
+
+
 def _read_records(source: Source, indices: np.ndarray) -> np.ndarray:
     """The serialized records of `indices`, in one call (one Python entry per batch, not
     per record; `os.pread` releases the GIL). A record that cannot be read is b"", which

@@ -1,26 +1,85 @@
-"""What a finished job leaves behind: the embedding model as a SavedModel, and the
-evaluation embeddings for TensorBoard's projector (labels as metadata)."""
+"""What a finished job leaves behind: the embedding model as a SavedModel that serves
+encoded images, and the evaluation embeddings for TensorBoard's projector (labels as
+metadata)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 
+import keras
 import numpy as np
+import tensorflow as tf
 from tensorboard.plugins import projector as tb_projector
 
+from data.pipeline import ImagePreprocessing
 
-def saved_model(model, path: str) -> str:
-    """Exports `model` (images -> embeddings) with a `serve` signature.
+
+def saved_model(model, path: str, preprocessing=None) -> str:
+    """Exports `model` (images -> L2-normalized embeddings) with three signatures:
+
+    - `serving_default`: a batch of encoded images (tf.string: JPEG, PNG, BMP or GIF,
+      any size), decoded and pre-processed inside the graph as the evaluation does it
+      (`preprocessing`, the job's eval pre-processing), so a server needs nothing of
+      this project and there is no skew between training and serving;
+    - `embed`: decoded uint8 images of one size per call (any size), pre-processed alike;
+    - `serve`: images already pre-processed (float32, the model's input size), as before.
+
+    The first two return {"embeddings": …}; `serve` returns the embeddings alone, as it did.
 
     Written to a temporary folder and renamed, so `path` never holds half a model.
     """
+    height, width, channels = model.input_shape[1:]
+    prepare = serving_preprocessing(preprocessing, (height, width), channels)
+
+    def embed_decoded(images):  # uint8 [N, H, W, C] -> embeddings
+        prepared = tf.map_fn(prepare, images, fn_output_signature=tf.TensorSpec(
+            (height, width, channels), tf.float32))  # fmt: skip
+        return {"embeddings": model(prepared, training=False)}
+
+    def embed_encoded(images):  # tf.string [N] -> embeddings
+        def decoded(encoded):
+            image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+            return prepare(image)
+
+        prepared = tf.map_fn(decoded, images, fn_output_signature=tf.TensorSpec(
+            (height, width, channels), tf.float32))  # fmt: skip
+        return {"embeddings": model(prepared, training=False)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    encoded_spec = tf.TensorSpec([None], tf.string, name="images")
+    decoded_spec = tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")
+    archive.add_endpoint("serving_default", embed_encoded, [encoded_spec])
+    archive.add_endpoint("embed", embed_decoded, [decoded_spec])
+    archive.add_endpoint(
+        "serve",
+        lambda images: model(images, training=False),
+        [tf.TensorSpec([None, height, width, channels], tf.float32, name="images")],
+    )
     partial = path + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.export(partial, format="tf_saved_model", verbose=False)
+    archive.write_out(partial, verbose=False)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(partial, path)
     return path
+
+
+def serving_preprocessing(preprocessing, size: tuple[int, int], channels: int):
+    """A decoded uint8 image (H, W, C) -> the model's input, as the evaluation prepares
+    it: an image source's central crop and resize in [0, 255] (`data.pipeline.
+    ImagePreprocessing.eval`); a pixel source's pixels scaled to [0, 1] and resized to
+    its size (its evaluation takes them as they are)."""
+    if isinstance(preprocessing, ImagePreprocessing):
+        return lambda image: preprocessing.eval(tf.cast(image, tf.float32))
+
+    def pixels(image):
+        image = tf.cast(image, tf.float32) / 255.0
+        resized = lambda: tf.image.resize(image, size, antialias=True)  # noqa: E731
+        as_is = tf.reduce_all(tf.shape(image)[:2] == size)  # a resize there is not exact
+        return tf.ensure_shape(tf.cond(as_is, lambda: image, resized), (*size, None))
+
+    return pixels
 
 
 def projector(logdir: str, embeddings: np.ndarray, source, max_points: int = 100_000) -> str:

@@ -50,12 +50,9 @@ def _images(root, rng):
                 Image.fromarray(pixels[..., 0]).save(folder / f"{i}.png")  # grayscale
 
 
-@pytest.fixture(scope="module")
-def image_job(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serving")
-    root = tmp / "images"
-    _images(root, np.random.default_rng(0))
-    params = (
+def job_params(root) -> tuple:
+    """The image-folder job: 2 classes to train, 2 to evaluate (6 images)."""
+    return (
         f"train_split/image_folder.root='{root}'",
         f"eval_split/image_folder.root='{root}'",
         "train_split/image_folder.classes=(0, 2)",
@@ -69,6 +66,14 @@ def image_job(tmp_path_factory):
         "train.examples_per_class=3",
         "distribute.strategy='single'",
     )
+
+
+@pytest.fixture(scope="module")
+def image_job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    root = tmp / "images"
+    _images(root, np.random.default_rng(0))
+    params = job_params(root)
     workdir = tmp / "job"
     run_job(workdir, params, timeout=600)
     return root, workdir

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins import projector as tb_projector
 
+from data.errors import InputError
 from data.pipeline import ImagePreprocessing
 
 
@@ -63,6 +64,20 @@ def saved_model(model, path: str, preprocessing=None) -> str:
     shutil.rmtree(path, ignore_errors=True)
     os.replace(partial, path)
     return path
+
+
+def load_model(path: str):
+    """The SavedModel at `path`, with its `serve` and `serving_default` signatures."""
+    try:
+        model = tf.saved_model.load(path)
+    except (OSError, ValueError, tf.errors.OpError) as error:
+        raise InputError(f"the SavedModel {path!r} cannot be loaded: {str(error)[:200]}") from error
+    if "serving_default" not in model.signatures or not hasattr(model, "serve"):
+        raise InputError(
+            f"the SavedModel {path!r} has no serving_default and serve signatures: export it "
+            "with this version of the trainer (a finished job writes <workdir>/saved_model)"
+        )
+    return model
 
 
 def serving_preprocessing(preprocessing, size: tuple[int, int], channels: int):

@@ -1,0 +1,159 @@
+"""`python -m trainer.index`: a retrieval index of a data source, embedded by an exported model.
+
+  python -m trainer.index --saved_model=RUN/saved_model --gin_file=JOB --output=INDEX
+      [--split=eval|train] [--search=exact|ivf|hnsw] [--far=1e-3] [--batch=256]
+
+The source is the job config's `train.eval_data` (or `train.train_data`), read and
+pre-processed by the evaluation's pipeline and embedded by the SavedModel's `serve`
+signature (the job checked that this equals `serving_default` on the files' bytes). The
+distance is the job's loss's. The index is faiss's (`evaluation.search`'s kinds and
+settings); beside it go the rows' paths and labels and a decision threshold calibrated
+on the source's genuine and impostor pairs (the evaluation's `verification` pairs) for
+the false accept rate --far. See trainer/index_folder.py for the folder.
+
+Exit status 2 with one line naming the thing for a missing or mismatched SavedModel or
+config, or a source that yields nothing; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import gin
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+
+from data.errors import InputError
+from data.pipeline import eval_batches, preprocessing_for
+from trainer import index_folder
+from trainer import main as job
+from trainer.export import load_model
+from trainer.neighbours import ApproximateIndex, SearchSettings, prepared
+from trainer.verification import IMPOSTOR_SAMPLE, sample_pairs
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("saved_model", None, "The SavedModel a job exported (<workdir>/saved_model).")
+flags.DEFINE_string("output", None, "The index folder to write (replaced whole).")
+flags.DEFINE_enum("split", "eval", ["eval", "train"], "Which data source of the job to index.")
+flags.DEFINE_enum("search", "exact", ["exact", "ivf", "hnsw"], "faiss index kind.")
+flags.DEFINE_float("far", 1e-3, "False accept rate the threshold is calibrated for.")
+flags.DEFINE_integer("batch", 256, "Images embedded per call.")
+
+
+def embed_source(model, source, batch: int, say=print) -> np.ndarray:
+    """Every row of `source` embedded by `model.serve`, in order, with progress lines."""
+    rows = [(first, min(first + batch, len(source.labels)))
+            for first in range(0, len(source.labels), batch)]  # fmt: skip
+    out, started, last = [], time.time(), time.time()
+    for images, _, _ in eval_batches(source, rows, preprocessing_for(source)):
+        out.append(model.serve(tf.cast(images, tf.float32)).numpy())
+        done = sum(len(o) for o in out)
+        if time.time() - last >= 10 or done == len(source.labels):
+            rate = done / max(time.time() - started, 1e-9)
+            say(f"embedded {done:,}/{len(source.labels):,} ({rate:,.0f} images/s)", flush=True)
+            last = time.time()
+    return np.concatenate(out)
+
+
+def distances_of_pairs(embeddings, pairs, distance: str) -> np.ndarray:
+    """Each pair's distance as the index reports it (trainer.search.reported_distance)."""
+    x = prepared(embeddings, distance).astype(np.float64)
+    a, b = x[pairs[:, 0]], x[pairs[:, 1]]
+    if distance == "cosine":
+        return 1.0 - np.einsum("ij,ij->i", a, b)
+    squared = np.einsum("ij,ij->i", a - b, a - b)
+    return squared if distance == "squared_euclidean" else np.sqrt(squared)
+
+
+def calibrate(embeddings, labels, distance: str, far: float, seed: int = 0) -> dict:
+    """The largest distance threshold whose false accept rate on the impostor pairs is at
+    most `far` (accept: distance <= threshold), with the true accept rate there."""
+    if not 0 < far < 1:
+        raise InputError(f"--far must be in (0, 1), got {far}")
+    pairs = sample_pairs(labels, seed=seed, impostors=IMPOSTOR_SAMPLE)
+    same = pairs[:, 2] == 1
+    if not same.any() or same.all():
+        raise InputError(
+            f"calibrating a threshold needs genuine and impostor pairs; the source has "
+            f"{int(same.sum())} genuine and {int((~same).sum())} impostor pairs"
+        )
+    d = distances_of_pairs(embeddings, pairs, distance)
+    impostors = np.sort(d[~same])
+    allowed = int(np.floor(far * len(impostors)))  # impostors that may be accepted
+    threshold = (
+        float(np.nextafter(impostors[allowed], -np.inf))
+        if allowed < len(impostors)
+        else float(impostors[-1])
+    )
+    return {
+        "threshold": threshold,
+        "far": far,
+        "measured_far": float(np.mean(d[~same] <= threshold)),
+        "tar": float(np.mean(d[same] <= threshold)),
+        "genuine_pairs": int(same.sum()),
+        "impostor_pairs": int((~same).sum()),
+    }
+
+
+def build(saved_model: str, output: str, split: str, search: str, far: float, batch: int,
+          say=print) -> dict:  # fmt: skip
+    """Embeds the configured source and writes the index folder; returns its index.json."""
+    model = load_model(saved_model)
+    source = gin.query_parameter(f"train.{split}_data").scoped_configurable_fn()
+    if not len(source.labels):
+        raise InputError(f"train.{split}_data ({source.name}) yields no examples to index")
+    distance = gin.query_parameter("train.loss").scoped_configurable_fn().distance
+    from losses.distances import canonical_distance
+
+    distance = canonical_distance(distance)
+    say(f"indexing {source.name}: {len(source.labels):,} examples, {distance} distance")
+    embeddings = embed_source(model, source, batch, say)
+    settings = SearchSettings(kind=search)
+    started = time.time()
+    index = ApproximateIndex(embeddings, distance, settings)
+    built = time.time() - started
+    calibrated = calibrate(embeddings, source.labels, distance, far)
+    paths = (
+        [str(p) for p in source.items]
+        if source.kind == "file"
+        else [f"{source.name}[{i}]" for i in range(len(source.labels))]
+    )
+    meta = {
+        "distance": distance,
+        "dim": int(embeddings.shape[1]),
+        "count": len(paths),
+        "search": search,
+        "source": source.name,
+        "saved_model": os.path.abspath(saved_model),
+        "build_seconds": round(built, 3),
+        **calibrated,
+    }
+    index_folder.write(output, index.index, paths, source.labels, source.class_names, meta)
+    say(
+        f"wrote {output}: {len(paths):,} rows of width {meta['dim']} ({search}); threshold "
+        f"{calibrated['threshold']:.4f} ({distance}) for FAR {far:g}: TAR "
+        f"{calibrated['tar']:.4f} on {calibrated['genuine_pairs']:,} genuine pairs, FAR "
+        f"{calibrated['measured_far']:.5f} on {calibrated['impostor_pairs']:,} impostor pairs"
+    )
+    return meta
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # faiss's loader logs at INFO
+    try:
+        for name in ("saved_model", "output"):
+            if not getattr(FLAGS, name):
+                raise InputError(f"--{name} is required")
+        job.parse_config(job.gin_files(), FLAGS.gin_param)
+        build(FLAGS.saved_model, FLAGS.output, FLAGS.split, FLAGS.search, FLAGS.far, FLAGS.batch)
+    except InputError as error:
+        job.report(error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.jobs import ROOT, job_env
 from tests.test_serving import image_job, job_params  # noqa: F401  (the fixture)
-from trainer.index import calibrate, distances_of_pairs
+from trainer.calibration import calibrate, distances_of_pairs
 
 
 def run(module, *args):
@@ -96,3 +96,16 @@ def test_bad_input_exits_2_naming_it_and_writes_nothing(built, tmp_path):
     assert bad.returncode == 2 and "cannot be loaded" in bad.stderr
     assert not target.exists() and not (tmp_path / "never.partial").exists()
     assert "Traceback" not in bad.stderr + wider.stderr + junk.stderr + missing.stderr
+
+
+def test_the_kind_of_index_follows_the_config_s_evaluation_search(built, tmp_path):
+    root, workdir, _, _ = built
+    params = [f"--gin_param={p}" for p in job_params(root)]
+    output = tmp_path / "hnsw"
+    done = run("trainer.index", f"--saved_model={workdir / 'saved_model'}", f"--output={output}",
+               "--gin_param=evaluation.search='hnsw'", *params)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((output / "index.json").read_text())["search"] == "hnsw"
+    image = str(next((root / "class3").iterdir()))
+    found = json.loads(run("trainer.search", str(output), image, "--json").stdout)
+    assert found["results"][0]["neighbours"][0]["path"] == image

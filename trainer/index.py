@@ -6,10 +6,11 @@
 The source is the job config's `train.eval_data` (or `train.train_data`), read and
 pre-processed by the evaluation's pipeline and embedded by the SavedModel's `serve`
 signature (the job checked that this equals `serving_default` on the files' bytes). The
-distance is the job's loss's. The index is faiss's (`evaluation.search`'s kinds and
-settings); beside it go the rows' paths and labels and a decision threshold calibrated
-on the source's genuine and impostor pairs (the evaluation's `verification` pairs) for
-the false accept rate --far. See trainer/index_folder.py for the folder.
+distance is the job's loss's. The index is faiss's: the config's `evaluation.search`
+with its `ivf_*`/`hnsw_*` settings, or --search's kind with them; beside it go the rows'
+paths and labels and a decision threshold calibrated on the source's genuine and
+impostor pairs (the evaluation's `verification` pairs) for the false accept rate --far.
+See trainer/index_folder.py for the folder.
 
 Exit status 2 with one line naming the thing for a missing or mismatched SavedModel or
 config, or a source that yields nothing; nothing is written then.
@@ -17,6 +18,7 @@ config, or a source that yields nothing; nothing is written then.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -30,15 +32,21 @@ from data.errors import InputError
 from data.pipeline import eval_batches, preprocessing_for
 from trainer import index_folder
 from trainer import main as job
+from trainer.calibration import calibrate
+from trainer.evaluation import evaluation
 from trainer.export import load_model
-from trainer.neighbours import ApproximateIndex, SearchSettings, prepared
-from trainer.verification import IMPOSTOR_SAMPLE, sample_pairs
+from trainer.neighbours import ApproximateIndex
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model", None, "The SavedModel a job exported (<workdir>/saved_model).")
 flags.DEFINE_string("output", None, "The index folder to write (replaced whole).")
 flags.DEFINE_enum("split", "eval", ["eval", "train"], "Which data source of the job to index.")
-flags.DEFINE_enum("search", "exact", ["exact", "ivf", "hnsw"], "faiss index kind.")
+flags.DEFINE_enum(
+    "search",
+    None,
+    ["exact", "ivf", "hnsw"],
+    "faiss index kind (default: the config's evaluation.search).",
+)
 flags.DEFINE_float("far", 1e-3, "False accept rate the threshold is calibrated for.")
 flags.DEFINE_integer("batch", 256, "Images embedded per call.")
 
@@ -58,47 +66,7 @@ def embed_source(model, source, batch: int, say=print) -> np.ndarray:
     return np.concatenate(out)
 
 
-def distances_of_pairs(embeddings, pairs, distance: str) -> np.ndarray:
-    """Each pair's distance as the index reports it (trainer.search.reported_distance)."""
-    x = prepared(embeddings, distance).astype(np.float64)
-    a, b = x[pairs[:, 0]], x[pairs[:, 1]]
-    if distance == "cosine":
-        return 1.0 - np.einsum("ij,ij->i", a, b)
-    squared = np.einsum("ij,ij->i", a - b, a - b)
-    return squared if distance == "squared_euclidean" else np.sqrt(squared)
-
-
-def calibrate(embeddings, labels, distance: str, far: float, seed: int = 0) -> dict:
-    """The largest distance threshold whose false accept rate on the impostor pairs is at
-    most `far` (accept: distance <= threshold), with the true accept rate there."""
-    if not 0 < far < 1:
-        raise InputError(f"--far must be in (0, 1), got {far}")
-    pairs = sample_pairs(labels, seed=seed, impostors=IMPOSTOR_SAMPLE)
-    same = pairs[:, 2] == 1
-    if not same.any() or same.all():
-        raise InputError(
-            f"calibrating a threshold needs genuine and impostor pairs; the source has "
-            f"{int(same.sum())} genuine and {int((~same).sum())} impostor pairs"
-        )
-    d = distances_of_pairs(embeddings, pairs, distance)
-    impostors = np.sort(d[~same])
-    allowed = int(np.floor(far * len(impostors)))  # impostors that may be accepted
-    threshold = (
-        float(np.nextafter(impostors[allowed], -np.inf))
-        if allowed < len(impostors)
-        else float(impostors[-1])
-    )
-    return {
-        "threshold": threshold,
-        "far": far,
-        "measured_far": float(np.mean(d[~same] <= threshold)),
-        "tar": float(np.mean(d[same] <= threshold)),
-        "genuine_pairs": int(same.sum()),
-        "impostor_pairs": int((~same).sum()),
-    }
-
-
-def build(saved_model: str, output: str, split: str, search: str, far: float, batch: int,
+def build(saved_model: str, output: str, split: str, search: str | None, far: float, batch: int,
           say=print) -> dict:  # fmt: skip
     """Embeds the configured source and writes the index folder; returns its index.json."""
     model = load_model(saved_model)
@@ -111,7 +79,10 @@ def build(saved_model: str, output: str, split: str, search: str, far: float, ba
     distance = canonical_distance(distance)
     say(f"indexing {source.name}: {len(source.labels):,} examples, {distance} distance")
     embeddings = embed_source(model, source, batch, say)
-    settings = SearchSettings(kind=search)
+    settings = evaluation().search  # evaluation.search and its ivf_/hnsw_ settings
+    if search is not None:
+        settings = dataclasses.replace(settings, kind=search)
+    search = settings.kind
     started = time.time()
     index = ApproximateIndex(embeddings, distance, settings)
     built = time.time() - started

@@ -30,12 +30,9 @@ import os
 import subprocess
 import sys
 
+from bench.memory import peak_during, rss_bytes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def gathered_save(centres, directory: str, step: int) -> None:
@@ -57,8 +54,6 @@ def timed_saves(centres, replicas, rounds: int) -> dict:
     """Median seconds and the largest per-process resident-memory rise of each way to save."""
     import shutil
     import tempfile
-    import threading
-    import time
 
     import numpy as np
 
@@ -68,21 +63,14 @@ def timed_saves(centres, replicas, rounds: int) -> dict:
     for round_ in range(rounds):
         for way, save in ways.items():
             replicas.sum_over_processes([0.0])
-            before, peak, done = _rss_bytes(), [0], threading.Event()
 
-            def sample(peak=peak, done=done):
-                while not done.wait(0.005):
-                    peak[0] = max(peak[0], _rss_bytes())
+            def save_everywhere(save=save, round_=round_):
+                save(directory, round_)
+                replicas.sum_over_processes([0.0])  # every process done
 
-            sampler = threading.Thread(target=sample)
-            sampler.start()
-            start = time.perf_counter()
-            save(directory, round_)
-            replicas.sum_over_processes([0.0])
-            seconds[way].append(time.perf_counter() - start)
-            done.set()
-            sampler.join()
-            most = replicas.gather_process_rows(np.array([max(peak[0], _rss_bytes()) - before]))
+            _, took, grown = peak_during(save_everywhere)
+            seconds[way].append(took)
+            most = replicas.gather_process_rows(np.array([grown]))
             rise[way] = max(rise[way], float(most.max()))
             if replicas.is_chief:
                 shutil.rmtree(directory)
@@ -128,10 +116,10 @@ def worker(classes: int, dim: int, steps: int, timed: bool, save_rounds: int = 0
     from trainer.replicas import Replicas, make_replicas
 
     replicas = make_replicas("horovod")
-    before = _rss_bytes()
+    before = rss_bytes()
     loss = losses.ArcFaceLoss(num_classes=classes)
     centres = ShardedCentres(loss, replicas, classes, dim, "adam", schedule=lambda _: 1e-3)
-    grown = _rss_bytes() - before
+    grown = rss_bytes() - before
     result = {"workers": replicas.size, "bytes": centres.local_bytes(), "rss_growth": grown}
     if save_rounds:
         result.update(timed_saves(centres, replicas, save_rounds))

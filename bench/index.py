@@ -21,10 +21,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
+
+from bench.memory import peak_during
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,30 +37,6 @@ def synthetic(rows: int, dim: int, seed: int = 0) -> np.ndarray:
         np.float32
     )
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_during(work):
-    """`work()`'s result, seconds, and the most resident memory rose above where it
-    stood before (sampled every 5 ms)."""
-    before, peak, done = rss(), [0], threading.Event()
-
-    def sample():
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], rss())
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    start = time.perf_counter()
-    result = work()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return result, seconds, max(peak[0], rss()) - before
 
 
 def child(kind: str, rows: int, dim: int, queries: int, k: int) -> dict:

@@ -128,3 +128,14 @@ def test_the_job_goes_on_while_centres_are_written_and_a_kill_then_resumes_from_
     got, want = scalars(workdir, "train/loss"), scalars(straight, "train/loss")
     np.testing.assert_allclose([got[s] for s in range(4, 13)], [want[s] for s in range(4, 13)],
                                rtol=1e-5)  # fmt: skip
+
+
+def test_a_wrong_value_of_the_setting_is_named():
+    from data.errors import InputError
+    from trainer.checkpoints import asynchronous_checkpoints
+
+    assert asynchronous_checkpoints() is True and asynchronous_checkpoints(False) is False
+    with pytest.raises(
+        InputError, match=r"checkpoints.asynchronous must be True or False, got 'yes'"
+    ):
+        asynchronous_checkpoints("yes")

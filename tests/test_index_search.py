@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.jobs import ROOT, job_env
+from tests.jobs import ROOT, job_env, run_horovod_2
 from tests.test_serving import image_job, job_params  # noqa: F401  (the fixture)
 from trainer.calibration import calibrate, distances_of_pairs
 
@@ -109,3 +109,64 @@ def test_the_kind_of_index_follows_the_config_s_evaluation_search(built, tmp_pat
     image = str(next((root / "class3").iterdir()))
     found = json.loads(run("trainer.search", str(output), image, "--json").stdout)
     assert found["results"][0]["neighbours"][0]["path"] == image
+
+
+def _vectors(folder):
+    from trainer.index_folder import IndexFolder
+
+    read = IndexFolder(str(folder))
+    return read.index.reconstruct_n(0, read.index.ntotal), read
+
+
+@pytest.mark.parametrize("backend", ["mirrored", "horovod"])
+def test_sharded_indexing_gives_the_single_process_index(built, tmp_path, backend):
+    """Embedding sharded over 2 replicas (MirroredStrategy on logical CPUs) or 2 Horovod
+    workers writes the same rows and vectors as one process, and only once."""
+    root, workdir, single, _ = built
+    output = tmp_path / backend
+    args = [f"--saved_model={workdir / 'saved_model'}", f"--output={output}", "--far=0.1",
+            "--batch=4", *[f"--gin_param={p}" for p in job_params(root)]]  # fmt: skip
+    if backend == "mirrored":
+        args += [
+            "--gin_param=distribute.strategy='mirrored'",
+            "--gin_param=distribute.cpu_replicas=2",
+        ]
+        done = run("trainer.index", *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        done = run_horovod_2("trainer.index", *args, "--gin_param=distribute.strategy='horovod'")
+    assert "2 replica(s)" in done.stdout and done.stdout.count("wrote ") == 1
+    expected, expected_rows = _vectors(single)
+    got, got_rows = _vectors(output)
+    assert list(got_rows.paths) == list(expected_rows.paths)
+    np.testing.assert_array_equal(got_rows.labels, expected_rows.labels)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert got_rows.meta["threshold"] == pytest.approx(expected_rows.meta["threshold"], abs=1e-5)
+
+
+def test_a_model_trained_for_another_distance_is_refused(built, tmp_path):
+    root, workdir, output, _ = built
+    facts = json.loads((workdir / "saved_model" / "assets.extra" / "embedding.json").read_text())
+    assert facts == {"distance": "cosine", "dim": 1024}  # small_convnet's pooled features
+    target = tmp_path / "never"
+    params = [f"--gin_param={p}" for p in job_params(root)]
+    other = "--gin_param=TripletSemiHardLoss.distance='squared_euclidean'"
+    bad = run("trainer.index", f"--saved_model={workdir / 'saved_model'}", f"--output={target}",
+              *params, other)  # fmt: skip
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "trained for the cosine distance, the config's train.loss uses squared_euclidean" in (
+        bad.stderr
+    )
+    assert not target.exists() and "Traceback" not in bad.stderr
+    # An index whose distance is not the model's: searched with it, refused.
+    meta = json.loads((output / "index.json").read_text())
+    copy = tmp_path / "euclidean-index"
+    import shutil
+
+    shutil.copytree(output, copy)
+    (copy / "index.json").write_text(json.dumps({**meta, "distance": "euclidean"}))
+    image = str(next((root / "class2").iterdir()))
+    refused = run("trainer.search", str(copy), image)
+    assert (
+        refused.returncode == 2 and "the index" in refused.stderr and "euclidean" in refused.stderr
+    )

@@ -275,13 +275,16 @@ def embedding_function(model, replicas):
     return embed_and_gather
 
 
-def embed_source(embed_and_gather, replicas, source, chunk_size: int = 512, preprocessing=None):
+def embed_source(
+    embed_and_gather, replicas, source, chunk_size: int = 512, preprocessing=None, progress=None
+):
     """(embeddings, unreadable rows) of a whole evaluation source, in order, on every process.
 
     Each replica embeds its slice of each chunk and the slices are all-gathered
     (`embedding_function`), so the work is sharded and every process ends with all rows.
     An image unreadable now (changed since the start-up check) was replaced by another
-    of its class (data.pipeline.substitutes); its row is listed.
+    of its class (data.pipeline.substitutes); its row is listed. `progress(rows done)`
+    is called after each chunk.
     """
     chunks = eval_chunks(len(source), chunk_size, replicas.size)
     my_rows = [_process_rows_of_chunk(replicas, start, end) for start, end in chunks]
@@ -297,6 +300,8 @@ def embed_source(embed_and_gather, replicas, source, chunk_size: int = 512, prep
             embeddings = np.empty((len(source), gathered.shape[1] - 1), np.float32)
         embeddings[start:end] = gathered[:, :-1]
         read[start:end] = gathered[:, -1] > 0.5
+        if progress is not None:
+            progress(end)
     return embeddings, np.flatnonzero(~read)
 
 

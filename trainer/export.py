@@ -4,6 +4,7 @@ metadata)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -14,9 +15,14 @@ from tensorboard.plugins import projector as tb_projector
 
 from data.errors import InputError
 from data.pipeline import ImagePreprocessing
+from losses.distances import canonical_distance
+
+# Beside the graph (TF Serving ignores assets.extra): what the model's embeddings are
+# compared with, so an index is never built or searched with another distance.
+FACTS = os.path.join("assets.extra", "embedding.json")
 
 
-def saved_model(model, path: str, preprocessing=None) -> str:
+def saved_model(model, path: str, preprocessing=None, distance: str | None = None) -> str:
     """Exports `model` (images -> L2-normalized embeddings) with three signatures:
 
     - `serving_default`: a batch of encoded images (tf.string: JPEG, PNG, BMP or GIF,
@@ -28,6 +34,7 @@ def saved_model(model, path: str, preprocessing=None) -> str:
 
     The first two return {"embeddings": …}; `serve` returns the embeddings alone, as it did.
 
+    `distance` (the job's loss's) and the embedding width go to assets.extra/embedding.json.
     Written to a temporary folder and renamed, so `path` never holds half a model.
     """
     height, width, channels = model.input_shape[1:]
@@ -61,6 +68,10 @@ def saved_model(model, path: str, preprocessing=None) -> str:
     partial = path + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     archive.write_out(partial, verbose=False)
+    os.makedirs(os.path.join(partial, os.path.dirname(FACTS)), exist_ok=True)
+    with open(os.path.join(partial, FACTS), "w") as f:
+        distance = canonical_distance(distance) if distance else None
+        json.dump({"distance": distance, "dim": int(model.output_shape[-1])}, f)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(partial, path)
     return path
@@ -78,6 +89,27 @@ def load_model(path: str):
             "with this version of the trainer (a finished job writes <workdir>/saved_model)"
         )
     return model
+
+
+def embedding_facts(path: str) -> dict:
+    """The exported model's distance and width ({} for an export older than the file)."""
+    try:
+        with open(os.path.join(path, FACTS)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise InputError(f"{os.path.join(path, FACTS)!r} cannot be read: {error}") from error
+
+
+def check_distance(path: str, distance: str, what: str) -> None:
+    """Refuses a SavedModel whose embeddings were trained for another distance than `what`'s."""
+    exported = embedding_facts(path).get("distance")
+    if exported is not None and exported != distance:
+        raise InputError(
+            f"the SavedModel {path!r} was trained for the {exported} distance, {what} uses "
+            f"{distance}: embeddings compared with another distance than their loss's rank wrongly"
+        )
 
 
 def serving_preprocessing(preprocessing, size: tuple[int, int], channels: int):

@@ -5,7 +5,9 @@
 
 The source is the job config's `train.eval_data` (or `train.train_data`), read and
 pre-processed by the evaluation's pipeline and embedded by the SavedModel's `serve`
-signature (the job checked that this equals `serving_default` on the files' bytes). The
+signature (the job checked that this equals `serving_default` on the files' bytes),
+sharded as the evaluation shards it: over `distribute.cpu_replicas` or the GPUs, or over
+Horovod workers under `horovodrun -np N python -m trainer.index ...` (the chief writes). The
 distance is the job's loss's. The index is faiss's: the config's `evaluation.search`
 with its `ivf_*`/`hnsw_*` settings, or --search's kind with them; beside it go the rows'
 paths and labels and a decision threshold calibrated on the source's genuine and
@@ -13,7 +15,8 @@ impostor pairs (the evaluation's `verification` pairs) for the false accept rate
 See trainer/index_folder.py for the folder.
 
 Exit status 2 with one line naming the thing for a missing or mismatched SavedModel or
-config, or a source that yields nothing; nothing is written then.
+config (a model trained for another distance than the config's loss), a source that
+yields nothing or an image that cannot be read; nothing is written then.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from data.errors import InputError
-from data.pipeline import eval_batches, preprocessing_for
+from data.pipeline import preprocessing_for
+from losses.distances import canonical_distance
 from trainer import index_folder
 from trainer import main as job
 from trainer.calibration import calibrate
-from trainer.evaluation import evaluation
-from trainer.export import load_model
+from trainer.evaluation import embed_source as embed_source_in_chunks
+from trainer.evaluation import embedding_function, evaluation
+from trainer.export import check_distance, load_model
 from trainer.neighbours import ApproximateIndex
+from trainer.replicas import Replicas, make_replicas
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model", None, "The SavedModel a job exported (<workdir>/saved_model).")
@@ -51,34 +57,61 @@ flags.DEFINE_float("far", 1e-3, "False accept rate the threshold is calibrated f
 flags.DEFINE_integer("batch", 256, "Images embedded per call.")
 
 
-def embed_source(model, source, batch: int, say=print) -> np.ndarray:
-    """Every row of `source` embedded by `model.serve`, in order, with progress lines."""
-    rows = [(first, min(first + batch, len(source.labels)))
-            for first in range(0, len(source.labels), batch)]  # fmt: skip
-    out, started, last = [], time.time(), time.time()
-    for images, _, _ in eval_batches(source, rows, preprocessing_for(source)):
-        out.append(model.serve(tf.cast(images, tf.float32)).numpy())
-        done = sum(len(o) for o in out)
-        if time.time() - last >= 10 or done == len(source.labels):
+class _ServeSignature:
+    """The exported `serve` signature called as the evaluation calls its Keras model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, images, training=False):
+        del training  # an export is always in inference mode
+        return self.model.serve(tf.cast(images, tf.float32))
+
+
+def embed_source(model, replicas, source, batch: int, say=print) -> np.ndarray:
+    """Every row of `source` embedded by `model.serve`, in order, sharded over the replicas
+    and processes as the evaluation shards it (every process ends with all rows)."""
+    started, shown = time.time(), [0.0]
+
+    def progress(done: int) -> None:
+        if time.time() - shown[0] >= 10 or done == len(source.labels):
             rate = done / max(time.time() - started, 1e-9)
             say(f"embedded {done:,}/{len(source.labels):,} ({rate:,.0f} images/s)", flush=True)
-            last = time.time()
-    return np.concatenate(out)
+            shown[0] = time.time()
+
+    with replicas.scope():
+        step = embedding_function(_ServeSignature(model), replicas)
+    embeddings, unreadable = embed_source_in_chunks(
+        step, replicas, source, batch, preprocessing_for(source), progress
+    )
+    if len(unreadable):
+        names = ", ".join(repr(str(source.items[i])) for i in unreadable[:3])
+        raise InputError(
+            f"{len(unreadable)} image(s) of {source.name} cannot be read now ({names}"
+            f"{', …' if len(unreadable) > 3 else ''}): an index must not hold another "
+            "image's embedding under their paths"
+        )
+    return embeddings
 
 
 def build(saved_model: str, output: str, split: str, search: str | None, far: float, batch: int,
-          say=print) -> dict:  # fmt: skip
-    """Embeds the configured source and writes the index folder; returns its index.json."""
+          replicas=None, say=print) -> dict | None:  # fmt: skip
+    """Embeds the configured source, sharded over `replicas`, and has the chief write the
+    index folder; returns its index.json on the chief (None on the other processes)."""
+    replicas = replicas or Replicas()
+    say = say if replicas.is_chief else (lambda *args, **kwargs: None)
     model = load_model(saved_model)
     source = gin.query_parameter(f"train.{split}_data").scoped_configurable_fn()
     if not len(source.labels):
         raise InputError(f"train.{split}_data ({source.name}) yields no examples to index")
-    distance = gin.query_parameter("train.loss").scoped_configurable_fn().distance
-    from losses.distances import canonical_distance
-
-    distance = canonical_distance(distance)
-    say(f"indexing {source.name}: {len(source.labels):,} examples, {distance} distance")
-    embeddings = embed_source(model, source, batch, say)
+    loss = gin.query_parameter("train.loss").scoped_configurable_fn()
+    distance = canonical_distance(loss.distance)
+    check_distance(saved_model, distance, "the config's train.loss")
+    say(f"indexing {source.name}: {len(source.labels):,} examples, {distance} distance, "
+        f"{replicas.size} replica(s)")  # fmt: skip
+    embeddings = embed_source(model, replicas, source, batch, say)
+    if not replicas.is_chief:
+        return None
     settings = evaluation().search  # evaluation.search and its ivf_/hnsw_ settings
     if search is not None:
         settings = dataclasses.replace(settings, kind=search)
@@ -120,7 +153,9 @@ def main(argv) -> None:
             if not getattr(FLAGS, name):
                 raise InputError(f"--{name} is required")
         job.parse_config(job.gin_files(), FLAGS.gin_param)
-        build(FLAGS.saved_model, FLAGS.output, FLAGS.split, FLAGS.search, FLAGS.far, FLAGS.batch)
+        replicas = make_replicas()  # the config's distribute.*; Horovod under horovodrun
+        build(FLAGS.saved_model, FLAGS.output, FLAGS.split, FLAGS.search, FLAGS.far,
+              FLAGS.batch, replicas)  # fmt: skip
     except InputError as error:
         job.report(error)
         sys.exit(2)

@@ -83,7 +83,10 @@ def write_results(outputs: Outputs, model, embeddings, data, results: dict, cent
     export.projector(outputs.workdir, embeddings, data.eval_source)
     if outputs.export_model:
         path = export.saved_model(
-            model, os.path.join(outputs.workdir, "saved_model"), data.eval_preprocessing
+            model,
+            os.path.join(outputs.workdir, "saved_model"),
+            data.eval_preprocessing,
+            distance=outputs.evaluate.distance,
         )
         check_export(path, embeddings, data)
         if centres is not None:

@@ -6,7 +6,7 @@ written by `python -m trainer.index`, and whether the best passes its threshold.
 The images are embedded through the exported model's `serving_default` (their file
 bytes, the graph a server runs), by default the SavedModel the index was built with.
 Exit status 2 with one line naming the thing for a missing index or SavedModel, a model
-of another embedding width, or an image that cannot be read or decoded.
+of another embedding width or distance, or an image that cannot be read or decoded.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from data.errors import InputError
-from trainer.export import load_model
+from trainer.export import check_distance, load_model
 from trainer.index_folder import IndexFolder
 from trainer.neighbours import prepared
 
@@ -60,7 +60,9 @@ def search(index_path: str, images, k: int, saved_model: str | None = None) -> l
     meta = folder.meta
     if k < 1:
         raise InputError(f"--k must be >= 1, got {k}")
-    model = load_model(saved_model or meta["saved_model"])
+    model_path = saved_model or meta["saved_model"]
+    model = load_model(model_path)
+    check_distance(model_path, meta["distance"], f"the index {index_path!r}")
     encoded = read_images(images)
     serving = model.signatures["serving_default"]
     embeddings = serving(images=tf.constant(encoded))["embeddings"].numpy()

@@ -53,8 +53,7 @@ def _images(root, rng):
 def job_params(root) -> tuple:
     """The image-folder job: 2 classes to train, 2 to evaluate (6 images)."""
     return (
-        f"train_split/image_folder.root='{root}'",
-        f"eval_split/image_folder.root='{root}'",
+        f"image_folder.root='{root}'",  # unscoped: gin applies it in both splits' scopes
         "train_split/image_folder.classes=(0, 2)",
         "eval_split/image_folder.classes=(2, 4)",
         "train.train_data=@train_split/image_folder",

@@ -40,6 +40,7 @@ from trainer.calibration import calibrate
 from trainer.evaluation import embed_source as embed_source_in_chunks
 from trainer.evaluation import embedding_function, evaluation
 from trainer.export import check_distance, load_model
+from trainer.job_config import parse_config
 from trainer.neighbours import ApproximateIndex
 from trainer.replicas import Replicas, make_replicas
 
@@ -152,7 +153,7 @@ def main(argv) -> None:
         for name in ("saved_model", "output"):
             if not getattr(FLAGS, name):
                 raise InputError(f"--{name} is required")
-        job.parse_config(job.gin_files(), FLAGS.gin_param)
+        parse_config(job.gin_files(), FLAGS.gin_param)
         replicas = make_replicas()  # the config's distribute.*; Horovod under horovodrun
         build(FLAGS.saved_model, FLAGS.output, FLAGS.split, FLAGS.search, FLAGS.far,
               FLAGS.batch, replicas)  # fmt: skip

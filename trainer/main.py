@@ -1,7 +1,8 @@
 """Entry point: `python -m trainer.main [--gin_file=F ...] [--gin_param=B ...] [--workdir=D]`.
 
 With no --gin_file it runs gin/digits.gin, the embedded default job (digits), parsed like
-any other config. A bare --gin_file name is looked up in gin/. A --gin_param that the
+any other config. A --gin_file is a path, or else a shipped config's name (gin/ in a
+checkout; see trainer.job_config). A --gin_param that the
 assembled job never reads is refused (exit 2). Under horovodrun every worker runs this
 same command; `distribute.strategy='auto'` notices.
 """
@@ -16,93 +17,39 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import gin  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 import trainer.config  # noqa: E402, F401  (registers the configurables)
 from data.errors import InputError  # noqa: E402
 from trainer import collective_timeout, disk_space, heartbeat  # noqa: E402
 from trainer.checkpoints import last_complete  # noqa: E402
+from trainer.job_config import (  # noqa: E402
+    DEFAULT_JOB,
+    UsageError,
+    check_params_used,
+    parse_config,
+)
 from trainer.loop import NumericalError  # noqa: E402
 from trainer.placement import cpu_only_warning, nvidia_smi_gpus  # noqa: E402
 from trainer.replicas import make_replicas  # noqa: E402
-
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
-DEFAULT_JOB = "digits"  # gin/digits.gin: the embedded default job
-# Bindings that moved, and where to: a config that still uses the old name is told.
-MOVED = {
-    "train.recall_k": "evaluation.recall_k",
-    "train.eval_chunk_size": "evaluation.chunk_size",
-}
 
 FLAGS = flags.FLAGS
 # This job's "workdir" and "replicas", once known: a failure's last line names its
 # checkpoints, and after a collective timed out, the workers that did not answer.
 JOB = {}
-flags.DEFINE_multi_string("gin_file", [], "Gin config file; a bare name is looked up in gin/.")
+flags.DEFINE_multi_string(
+    "gin_file", [], "Gin config file: a path, or a shipped config's name (sop, cub200, ...)."
+)
 flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. train.steps=500.")
 flags.DEFINE_string(
     "workdir", None, "Checkpoints, TensorBoard events and exports; default runs/<job>-<time>."
 )
 
 
-class UsageError(InputError):
-    """A mistake on the command line."""
-
-
-def resolve_gin_file(name: str) -> str:
-    """`name` as given if it exists, else gin/<name> or gin/<name>.gin."""
-    candidates = [name, os.path.join(GIN_DIR, name), os.path.join(GIN_DIR, name + ".gin")]
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    raise UsageError(f"--gin_file {name!r} not found (looked for {', '.join(candidates)}).")
-
-
-def parse_config(files, params) -> None:
-    paths = [resolve_gin_file(f) for f in files]
-    gin.add_config_file_search_path(GIN_DIR)  # so configs can `include 'base.gin'`
-    logging.set_verbosity(logging.FATAL)  # gin logs an error before it tries the search path
-    try:
-        gin.parse_config_files_and_bindings(paths, params, finalize_config=True)
-    except (ValueError, KeyError, SyntaxError, NameError) as error:  # gin's own errors
-        for old, new in MOVED.items():
-            configurable, parameter = old.split(".")
-            if f"'{configurable}' doesn't have a parameter named '{parameter}'" in str(error):
-                raise UsageError(f"{old} is now {new}: rename it in the config.") from error
-        raise UsageError(f"bad gin config: {error}") from error
-    finally:
-        logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines drown the progress
-
-
 def gin_files() -> list[str]:
     """The --gin_file flags, or the default job's config."""
     return FLAGS.gin_file or [DEFAULT_JOB]
-
-
-def check_params_used(params) -> None:
-    """Refuses a --gin_param binding that no configurable of the assembled job read.
-
-    gin records the parameters of every configurable the job called (its operative
-    config); a binding outside it would silently change nothing. Bindings from config
-    files are not held to this (base.gin binds what a given job may not use).
-    """
-    used = gin.config._OPERATIVE_CONFIG  # {(scope, configurable): {parameter: value}}
-    for param in params:
-        key = param.split("=", 1)[0].strip()
-        if "." not in key or key.startswith(("%", "import", "include")):
-            continue  # a macro, an import or an include: not a configurable's parameter
-        try:
-            parsed = gin.config.ParsedBindingKey.parse(key)
-        except ValueError:
-            continue  # gin refused it already when parsing, or it names no configurable
-        if parsed.arg_name not in used.get(parsed.config_key, {}):
-            raise UsageError(
-                f"--gin_param {param!r} is never read: nothing in this job calls "
-                f"{key.rsplit('.', 1)[0]!r} (check the name and the scope, or the config that "
-                "the job runs)."
-            )
 
 
 def default_workdir(files) -> str:

@@ -1,0 +1,109 @@
+"""The job's config: a --gin_param is refused only when gin applied it to no call (its
+scoping followed), and --gin_file names are looked up as documented."""
+
+import os
+
+import gin
+import pytest
+
+from trainer.job_config import (
+    UsageError,
+    check_params_used,
+    resolve_gin_file,
+    shipped_config_dir,
+)
+
+
+@gin.configurable("job_config_test_folder")
+def folder(root=None, classes=None):
+    return root, classes
+
+
+@gin.configurable("job_config_test_unused")
+def unused(root=None):
+    return root
+
+
+@gin.configurable("job_config_test_job")
+def job(train_data=None, eval_data=None):
+    return train_data, eval_data
+
+
+def run_job(*bindings):
+    """Parses the bindings and calls the job, whose splits call the folder in their scopes
+    (as train.train_data=@train_split/image_folder does); returns gin's operative config."""
+    gin.clear_config()
+    gin.parse_config(
+        [
+            "job_config_test_job.train_data = @train_split/job_config_test_folder()",
+            "job_config_test_job.eval_data = @outer/eval_split/job_config_test_folder()",
+            *bindings,
+        ]
+    )
+    results = job()
+    operative = dict(gin.config._OPERATIVE_CONFIG)
+    gin.clear_config()
+    return results, operative
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    yield
+    gin.clear_config()
+
+
+def test_an_unscoped_binding_is_read_in_every_scope_that_calls_it():
+    binding = "job_config_test_folder.root = '/data'"
+    (train, evaluation), operative = run_job(binding)
+    assert train == evaluation == ("/data", None)  # gin applied it in both scopes
+    check_params_used([binding], operative)  # so it is read: no error
+
+
+@pytest.mark.parametrize(
+    "binding",
+    [
+        "train_split/job_config_test_folder.root = '/train'",
+        "outer/job_config_test_folder.root = '/outer'",  # a scope the call's scope starts with
+        "outer/eval_split/job_config_test_folder.classes = (2, 4)",
+    ],
+)
+def test_a_binding_scoped_to_a_scope_the_job_calls_in_is_read(binding):
+    _, operative = run_job(binding)
+    check_params_used([binding], operative)
+
+
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        (
+            "test_split/job_config_test_folder.root = '/x'",
+            "nothing in this job calls 'test_split/job_config_test_folder'; it is called in "
+            "scope outer/eval_split, train_split",
+        ),
+        (  # a scope that the call's scope contains, but does not start with
+            "eval_split/job_config_test_folder.root = '/x'",
+            "is never read",
+        ),
+        (
+            "job_config_test_unused.root = '/x'",
+            "nothing in this job calls 'job_config_test_unused' (check",
+        ),
+    ],
+)
+def test_a_binding_gin_applied_to_no_call_is_refused(binding, message):
+    _, operative = run_job(binding)
+    with pytest.raises(UsageError, match="never read") as refused:
+        check_params_used([binding], operative)
+    assert message in str(refused.value)
+
+
+def test_a_config_name_is_a_path_first_then_a_shipped_config(tmp_path, monkeypatch):
+    shipped = shipped_config_dir()
+    assert resolve_gin_file("sop") == os.path.join(shipped, "sop.gin")
+    assert resolve_gin_file("sop.gin") == os.path.join(shipped, "sop.gin")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sop.gin").write_text("train.steps = 3\n")
+    assert resolve_gin_file("sop.gin") == "sop.gin"  # a file here wins over the shipped one
+    assert resolve_gin_file(str(tmp_path / "sop.gin")) == str(tmp_path / "sop.gin")
+    with pytest.raises(UsageError, match="'nosuch' not found .*the shipped configs are base, "):
+        resolve_gin_file("nosuch")

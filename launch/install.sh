@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the project needs into .venv at the repo root:
+# Installs everything the project needs into .venv at the repo root, the project itself
+# included (editable):
 # TensorFlow (the CUDA build where nvidia-smi lists GPUs, else the CPU build), faiss for
 # approximate search (its GPU build likewise), the Python tools, and Horovod 0.28.1 built from its source release with TensorFlow + Gloo (+ NCCL
 # on GPU machines that have it). A second run with the same settings does nothing (stamp
@@ -107,7 +108,7 @@ PY="$(pick_python)"
 PY_VERSION="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 PY_TAG="cp${PY_VERSION/./}"
 # The stamp names everything that changes what gets installed.
-STAMP_KEY="$(printf '%s\n' "$(sha1sum "${BASH_SOURCE[0]}" | cut -c1-40)" "$TF_PACKAGE" "$OPS_KEY" \
+STAMP_KEY="$(printf '%s\n' "$(cat "${BASH_SOURCE[0]}" "$ROOT/pyproject.toml" | sha1sum | cut -c1-40)" "$TF_PACKAGE" "$OPS_KEY" \
   "$PY_VERSION" "$FAISS_PACKAGE" | sha1sum | cut -c1-12)"
 STAMP="$VENV/.installed-$STAMP_KEY"
 # The wheel's key: Horovod, the TensorFlow package it was built against (tensorflow-cpu
@@ -148,6 +149,7 @@ PY_PACKAGES=(
   "$TF_PACKAGE" "tensorboard" "absl-py>=1.0" "gin-config>=0.5" "scikit-learn>=1.3"
   "numpy" "pillow" "pytest>=7" "pytest-xdist>=3" "ruff"
   "$FAISS_PACKAGE" "matplotlib==3.11.2"  # approximate search; the ROC curve in TensorBoard
+  "mkdocs==1.6.1" "mkdocs-material==9.8.2"  # the documentation site (make docs)
   # Horovod's runtime dependencies, installed here because its wheel is installed --no-deps.
   "cloudpickle" "psutil" "pyyaml" "packaging"
 )
@@ -221,6 +223,11 @@ else
   log "using cached Horovod wheel $WHEEL"
 fi
 "${PIP[@]}" install -q --no-deps --force-reinstall "$WHEEL"
+
+# The project itself, editable: `import losses`, `python -m trainer.main` and the shipped
+# configs work from any folder, and edits in the checkout take effect without reinstalling.
+log "installing the project into $VENV (editable)"
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
 
 log "checking the Horovod build"
 CHECK="$("$VENV/bin/horovodrun" --check-build)"

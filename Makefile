@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test docs bench clean
 
 install:
 	@bash launch/install.sh
@@ -18,9 +18,19 @@ train: install
 # file on one worker, so a module's fixture (a job on every backend) runs once.
 TEST_WORKERS ?= 2
 
+# The documentation site (docs/, the README as its front page): built strictly, so a
+# broken link or page fails the tests; tests/test_docs.py runs its Python blocks.
+export NO_MKDOCS_2_WARNING := 1
+MKDOCS := $(VENV)/bin/mkdocs
+
 test: install
 	$(PYTHON) -m ruff check .
+	$(MKDOCS) build --strict --quiet
 	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+
+# Serves the site at http://127.0.0.1:8000, rebuilt on every edit.
+docs: install
+	$(MKDOCS) serve
 
 bench: install
 	$(PYTHON) -m bench.losses
@@ -36,4 +46,4 @@ bench: install
 	$(PYTHON) -m bench.protocols
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

@@ -1,6 +1,6 @@
 """Pair-based losses that weigh every pair of the batch: contrastive, multi-similarity,
 SupCon and NT-Xent, with the semantics of pytorch-metric-learning 2.9 and its default
-reducers (see README "Pair-based losses").
+reducers (see docs/losses.md, "Pair-based losses").
 
 Like the triplet losses, each has a query/key form, `*_terms(anchors, anchor_labels,
 anchor_positions, keys, key_labels, ...)` returning a `TripletTerms` whose sums and

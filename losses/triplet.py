@@ -10,7 +10,8 @@ Each mined loss has two forms:
 - `triplet_*_loss(labels, embeddings, ...)`, one batch mined against itself.
 
 Semantics of `triplet_semihard_loss` and `triplet_hard_loss` follow TensorFlow Addons
-0.23 (`tfa.losses`), including its fallbacks; see README "Migrating from Addons".
+0.23 (`tfa.losses`), including its fallbacks; see docs/losses.md, "Migrating from
+TensorFlow Addons".
 """
 
 from __future__ import annotations

@@ -53,3 +53,19 @@ def python_blocks(path: Path) -> list[Block]:
 
 def all_python_blocks() -> list[Block]:
     return [block for path in documents() for block in python_blocks(path)]
+
+
+def run_document(path: Path) -> None:
+    """Runs the document's runnable blocks in order in one namespace, as a reader who
+    pastes them one after the other would; a failure's traceback names file:line."""
+    namespace = {"__name__": "__main__"}
+    for block in python_blocks(path):
+        if block.not_run is None:
+            print(f"running {block.name}", flush=True)
+            exec(compile(block.code, block.name, "exec"), namespace)
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_document(Path(sys.argv[1]).resolve())

@@ -251,22 +251,3 @@ def test_mistakes_in_compile_are_named():
         GlobalMiningModel(lambda x: x)
     with pytest.raises(ValueError, match="cannot take CrossBatchMemory.*train.cross_batch_memory"):
         model.compile(loss=losses.CrossBatchMemory(losses.SupConLoss(), memory_size=64))
-
-
-def test_the_readme_example_runs_as_written(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("## Global mining in your own `model.fit`")
-    code = readme[start:].split("```python\n", 1)[1].split("```", 1)[0]
-    script = tmp_path / "example.py"
-    script.write_text(code)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (tmp_path / "logs" / "train").is_dir()

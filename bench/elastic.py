@@ -48,7 +48,7 @@ def run_job(workdir: str, launcher: list[str], steps: int, extra=(), env=None) -
         "train.log_every=1",
         "train.eval_every=100000",
         "train.checkpoint_every=100000",
-        "train.export_model=False",
+        "export.enabled=False",
         *extra,
     )
     command = [*launcher, f"--workdir={workdir}", *[f"--gin_param={p}" for p in params]]

@@ -1,11 +1,15 @@
 """The input pipeline against plain tf.data, on the same JPEGs, in alternating rounds.
 
-  python -m bench.pipeline [--images 640] [--rounds 5] [--steps 16] [--batch 64] [--size 224]
+  python -m bench.pipeline [--images 640] [--rounds 5] [--steps 30] [--batch 64]
+                           [--shapes 96x96,256x256,500x375] [--content fast,detailed]
 
-Synthetic photos (smooth random 500×375 JPEGs, quality 90, 32 classes) are written to a
-temporary folder (deleted afterwards) as TFRecord shards and as an image folder. Each
-round builds each pipeline afresh and times `--steps` batches of `--batch` crops of
-`--size` px, one process, from building it to its last batch:
+For each stored size and content, synthetic photos (32 classes) are written to a
+temporary folder (deleted afterwards) as TFRecord shards and as an image folder:
+'fast' is smooth (a 6×8 random grid, bilinearly enlarged) at JPEG quality 75, which
+decodes fast, as product photos on white do; 'detailed' adds per-pixel noise at quality
+90, which decodes slowly. Each round builds each pipeline afresh and times `--steps`
+batches of `--batch` random crops (224 px, or 64 px for stored images under 224 px), one
+process, from building it to its last batch:
 
 - tfrecord: `data.pipeline.train_batches` over `data.sources.tfrecord` (P×K sampler,
   this process holding the whole batch) against `TFRecordDataset(num_parallel_reads)`
@@ -15,7 +19,8 @@ round builds each pipeline afresh and times `--steps` batches of `--batch` crops
   pipeline over the file list with `tf.io.read_file`.
 
 Prints images/s of each, the ratio ours / plain (median of the rounds' ratios, target
->= 0.9) and images/s per core.
+>= 0.9) with its range, the time per image beyond decoding (1/ours - 1/plain, in ms of
+this process's wall time) and the rounds that collapsed (ratio under 0.8 of the median).
 """
 
 from __future__ import annotations
@@ -41,8 +46,25 @@ AUTOTUNE = tf.data.AUTOTUNE
 CLASSES, SHARDS = 32, 8
 
 
-def write_data(root: str, images: int) -> tuple[str, str]:
-    """`images` JPEGs of 500×375 in CLASSES classes, as TFRecord shards and a folder."""
+def crop_size(shape: tuple[int, int], size: int) -> int:
+    """The crop trained on: `size`, or 64 px for stored images smaller than it."""
+    return size if min(shape) >= size else 64
+
+
+def photo(rng, shape: tuple[int, int], content: str) -> bytes:
+    """One synthetic JPEG of `shape` (width, height): 'fast' or 'detailed' to decode."""
+    width, height = shape
+    grid = (6, 8) if content == "fast" else (24, 32)
+    coarse = rng.integers(0, 255, size=(1, *grid, 3)).astype(np.float32)
+    image = tf.image.resize(coarse, (height, width))[0]
+    if content == "detailed":
+        image += rng.normal(0, 20, size=image.shape).astype(np.float32)
+    pixels = tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8)
+    return tf.io.encode_jpeg(pixels, quality=75 if content == "fast" else 90).numpy()
+
+
+def write_data(root: str, images: int, shape=(500, 375), content="detailed") -> tuple[str, str]:
+    """`images` JPEGs of `shape` in CLASSES classes, as TFRecord shards and a folder."""
     rng = np.random.default_rng(0)
     folder = os.path.join(root, "images")
     writers = [
@@ -50,9 +72,7 @@ def write_data(root: str, images: int) -> tuple[str, str]:
     ]
     for i in range(images):
         label = i % CLASSES
-        coarse = rng.integers(0, 255, size=(1, 24, 32, 3)).astype(np.float32)
-        photo = tf.cast(tf.image.resize(coarse, (375, 500))[0], tf.uint8)
-        encoded = tf.io.encode_jpeg(photo, quality=90).numpy()
+        encoded = photo(rng, shape, content)
         os.makedirs(os.path.join(folder, f"{label:03d}"), exist_ok=True)
         with open(os.path.join(folder, f"{label:03d}", f"{i}.jpg"), "wb") as f:
             f.write(encoded)
@@ -121,7 +141,7 @@ def ours(source, size: int, batch: int, steps: int, round_: int):
     return (images for images, _, _ in batches)
 
 
-def compare(name, make_ours, make_plain, rounds, steps, batch) -> None:
+def compare(name, make_ours, make_plain, rounds, steps, batch) -> dict:
     results = []
     for r in range(rounds):
         first, second = (make_ours, make_plain) if r % 2 == 0 else (make_plain, make_ours)
@@ -130,20 +150,63 @@ def compare(name, make_ours, make_plain, rounds, steps, batch) -> None:
             rates[make] = images_per_second(functools.partial(make, r), steps, batch)
         results.append((rates[make_ours], rates[make_plain]))
         print(
-            f"  {name} round {r + 1}: ours {rates[make_ours]:6.0f}  "
-            f"plain {rates[make_plain]:6.0f} images/s"
+            f"    {name} round {r + 1}: ours {rates[make_ours]:6.0f}  "
+            f"plain {rates[make_plain]:6.0f} images/s",
+            flush=True,
         )
     ours_rate = float(np.median([o for o, _ in results]))
     plain_rate = float(np.median([p for _, p in results]))
-    ratios = sorted(o / p for o, p in results)
-    cores = len(os.sched_getaffinity(0))
+    ratios = [o / p for o, p in results]
+    ratio = float(np.median(ratios))
+    overhead_ms = 1e3 * (1 / ours_rate - 1 / plain_rate)
+    collapsed = [i + 1 for i, r in enumerate(ratios) if r < 0.8 * ratio]
     print(
-        f"{name}: train_batches {ours_rate:,.0f} images/s, plain tf.data {plain_rate:,.0f} "
-        f"images/s, ratio {np.median(ratios):.3f} (median of {rounds} rounds; "
-        f"{ratios[0]:.3f}-{ratios[-1]:.3f}) (target >= 0.9); per core: "
-        f"{ours_rate / cores:,.0f} and {plain_rate / cores:,.0f} images/s ({cores} cores)",
+        f"  {name}: train_batches {ours_rate:,.0f} images/s, plain tf.data {plain_rate:,.0f} "
+        f"images/s, ratio {ratio:.3f} (median of {rounds} rounds; {min(ratios):.3f}-"
+        f"{max(ratios):.3f}) (target >= 0.9); beyond decoding {overhead_ms:+.3f} ms/image; "
+        f"ours {min(o for o, _ in results):,.0f}-{max(o for o, _ in results):,.0f} images/s "
+        f"over the rounds; collapsed rounds: {collapsed or 'none'}",
         flush=True,
     )
+    return {"ratio": ratio, "ours": ours_rate, "plain": plain_rate, "overhead_ms": overhead_ms}
+
+
+def shape_arg(text: str) -> tuple[int, int]:
+    width, height = (int(v) for v in text.lower().split("x"))
+    return width, height
+
+
+def bench_stored(shape: tuple[int, int], content: str, args) -> list:
+    """Both sources, ours against plain, on JPEGs of one stored shape and content."""
+    root = tempfile.mkdtemp(prefix="bench-pipeline-")
+    try:
+        began = time.time()
+        pattern, folder = write_data(root, args.images, shape, content)
+        size, batch, steps = crop_size(shape, args.size), args.batch, args.steps
+        print(
+            f"{shape[0]}x{shape[1]} {content}: {args.images} JPEGs written in "
+            f"{time.time() - began:.0f}s, crops of {size} px",
+            flush=True,
+        )
+        pipelines = {
+            "tfrecord": (tfrecord(pattern), functools.partial(plain_records, pattern)),
+            "folder": (image_folder(folder), functools.partial(plain_files, folder)),
+        }
+        rows = []
+        for name in args.sources.split(","):
+            source, make_plain = pipelines[name]
+            result = compare(
+                name,
+                functools.partial(ours, source, size, batch, steps),
+                lambda r, make_plain=make_plain: make_plain(size, batch),
+                args.rounds,
+                steps,
+                batch,
+            )
+            rows.append((f"{shape[0]}x{shape[1]}", content, name, result))
+        return rows
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
@@ -153,32 +216,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--shapes", default="96x96,256x256,500x375")
+    parser.add_argument("--content", default="fast,detailed")
+    parser.add_argument("--sources", default="tfrecord,folder")
     args = parser.parse_args()
-    root = tempfile.mkdtemp(prefix="bench-pipeline-")
-    try:
-        began = time.time()
-        pattern, folder = write_data(root, args.images)
-        print(f"wrote {args.images} JPEGs of 500x375 in {time.time() - began:.0f}s to {root}")
-        records, files = tfrecord(pattern), image_folder(folder)
-        size, batch, steps = args.size, args.batch, args.steps
-        compare(
-            "tfrecord",
-            lambda r: ours(records, size, batch, steps, r),
-            lambda r: plain_records(pattern, size, batch),
-            args.rounds,
-            steps,
-            batch,
+    summary = []
+    for shape in [shape_arg(s) for s in args.shapes.split(",")]:
+        for content in args.content.split(","):
+            summary += bench_stored(shape, content, args)
+    print("\nshape     content   source    ours/s  plain/s  ratio  beyond decoding")
+    for shape, content, name, r in summary:
+        print(
+            f"{shape:9s} {content:9s} {name:9s} {r['ours']:6,.0f}  {r['plain']:7,.0f}  "
+            f"{r['ratio']:.3f}  {r['overhead_ms']:+.3f} ms/image"
         )
-        compare(
-            "folder",
-            lambda r: ours(files, size, batch, steps, r),
-            lambda r: plain_files(folder, size, batch),
-            args.rounds,
-            steps,
-            batch,
-        )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -53,22 +53,22 @@ CASES = {
     "SubCenterArcFaceLoss": ("train.loss=@SubCenterArcFaceLoss()",),
     "ProxyAnchorLoss, centres at 100x": (
         "train.loss=@ProxyAnchorLoss()",
-        "train.centre_learning_rate_multiplier=100",
+        "optimizer.centre_learning_rate_multiplier=100",
     ),
     "ArcFaceLoss, centres at 100x": (
         "train.loss=@ArcFaceLoss()",
-        "train.centre_learning_rate_multiplier=100",
+        "optimizer.centre_learning_rate_multiplier=100",
     ),
     "ArcFaceLoss, centres at 10x": (
         "train.loss=@ArcFaceLoss()",
-        "train.centre_learning_rate_multiplier=10",
+        "optimizer.centre_learning_rate_multiplier=10",
     ),
 }
 
 
 def run(params: tuple, steps: int | None, workdir: str) -> dict:
     command = [sys.executable, "-m", "trainer.main", f"--workdir={workdir}"]
-    extra = ("distribute.strategy='single'", "train.export_model=False", *params)
+    extra = ("distribute.strategy='single'", "export.enabled=False", *params)
     if steps:
         extra += (f"train.steps={steps}",)
     command += [f"--gin_param={p}" for p in extra]

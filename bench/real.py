@@ -35,6 +35,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import gin
 import numpy as np  # noqa: E402
 
 FOLDER = "/usr/share/datasets/fashion-mnist"
@@ -110,6 +111,8 @@ def job_row(model, training, evaluation, steps, **settings) -> dict:
     from trainer.replicas import Replicas
 
     began = time.time()
+    gin.bind_parameter("optimizer.learning_rate", 1e-3)  # the parts read their own settings
+    gin.bind_parameter("export.enabled", False)
     with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(io.StringIO()) as out:
         results = train(
             workdir,
@@ -120,8 +123,6 @@ def job_row(model, training, evaluation, steps, **settings) -> dict:
             log_every=50,
             checkpoint_every=10 * steps,
             eval_every=steps,
-            learning_rate=1e-3,
-            export_model=False,
             model=model,
             train_data=lambda: source("fashion-mnist 0-4", *training),
             eval_data=lambda: source("fashion-mnist 5-9", *evaluation),

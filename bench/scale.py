@@ -148,11 +148,11 @@ IMAGE_JOB = (
     "backbone_embedding.image_size=32",
     "backbone_embedding.embedding_dim=16",
     "backbone_embedding.weights=None",
-    "train.synchronized_batchnorm=True",
+    "batchnorm.synchronized=True",
     "images.size=32",
     "train.global_batch_size=32",
     "train.examples_per_class=2",
-    "train.export_model=False",
+    "export.enabled=False",
     "distribute.strategy='single'",
 )
 

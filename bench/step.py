@@ -32,6 +32,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import gin  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -69,6 +70,7 @@ def trainer_rate(steps: int, width: int, jit: bool, staged: bool) -> float:
     `staged`: its batches made beforehand instead of by its augmenting pipeline."""
     from trainer import loop
 
+    gin.bind_parameter("export.enabled", False)  # the export reads its own configurable
     pipeline = loop.train_batches
     loop.train_batches = staged_batches if staged else pipeline
     try:
@@ -83,7 +85,6 @@ def trainer_rate(steps: int, width: int, jit: bool, staged: bool) -> float:
                 checkpoint_every=10 * steps,
                 eval_every=10 * steps,
                 progress_seconds=1e9,  # prints at step 1 (the rate's window starts after it)
-                export_model=False,
                 model=lambda: digits_convnet(width=width),
                 jit_compile_model=jit,
             )

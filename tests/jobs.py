@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import gin
 import numpy as np
 import psutil
 import tensorflow as tf
@@ -37,7 +38,7 @@ SHORT_JOB = (
     "train.log_every=1",
     "train.eval_every=1000",
     "train.checkpoint_every=1000",
-    "train.export_model=False",
+    "export.enabled=False",
 )
 
 
@@ -47,7 +48,7 @@ RESUMABLE_JOB = (
     "train.log_every=1",
     "train.checkpoint_every=3",
     "train.eval_every=1000",
-    "train.export_model=False",
+    "export.enabled=False",
 )
 
 
@@ -240,3 +241,16 @@ def stop_rank_1(workdir, launcher, params, pause, ready=None, stop_with=signal.S
             worker.send_signal(signal.SIGCONT)
         stdout, stderr = job.communicate(timeout=600)
         return job.returncode, stdout, stderr, time.time() - stopped_at
+
+
+@contextlib.contextmanager
+def gin_bound(bindings: dict):
+    """gin bindings (e.g. {"export.enabled": False}) for a direct call of
+    trainer.loop.train, whose parts read their own configurables; cleared afterwards."""
+    with gin.unlock_config():
+        for key, value in bindings.items():
+            gin.bind_parameter(key, value)
+    try:
+        yield
+    finally:
+        gin.clear_config()

@@ -26,12 +26,12 @@ PROXY_JOB = (
     "ArcFaceLoss.scale=16.0",
     "ArcFaceLoss.num_classes=20",  # 14 classes never in a batch: Partial FC draws among them
     "ArcFaceLoss.sample_rate=0.5",
-    "train.learning_rate=0.01",
+    "optimizer.learning_rate=0.01",
     "train.steps=12",
     "train.log_every=1",
     "train.checkpoint_every=6",
     "train.eval_every=100",
-    "train.export_model=False",
+    "export.enabled=False",
     "distribute.strategy='mirrored'",
 )
 

@@ -132,10 +132,11 @@ def test_the_job_goes_on_while_centres_are_written_and_a_kill_then_resumes_from_
 
 def test_a_wrong_value_of_the_setting_is_named():
     from data.errors import InputError
-    from trainer.checkpoints import asynchronous_checkpoints
+    from trainer.checkpoints import CheckpointSettings, checkpoint_settings
 
-    assert asynchronous_checkpoints() is True and asynchronous_checkpoints(False) is False
-    with pytest.raises(
-        InputError, match=r"checkpoints.asynchronous must be True or False, got 'yes'"
-    ):
-        asynchronous_checkpoints("yes")
+    assert checkpoint_settings() == CheckpointSettings(keep=3, asynchronous=True)
+    assert checkpoint_settings(asynchronous=False).asynchronous is False
+    with pytest.raises(InputError, match=r"checkpoints.asynchronous must be bool, got 'yes'"):
+        checkpoint_settings(asynchronous="yes")
+    with pytest.raises(InputError, match=r"checkpoints.keep must be >= 1, got 0"):
+        checkpoint_settings(keep=0)

@@ -25,7 +25,7 @@ JOB = (
     "train.log_every=1",
     "train.checkpoint_every=5",
     "train.eval_every=1000",
-    "train.export_model=False",
+    "export.enabled=False",
 )
 
 

@@ -39,7 +39,7 @@ ELASTIC_JOB = (
     "train.elastic_commit_every=5",
     "train.checkpoint_every=100000",
     "train.eval_every=100000",
-    "train.export_model=False",
+    "export.enabled=False",
 )
 
 
@@ -178,7 +178,7 @@ def test_an_elastic_job_splits_a_batch_that_its_workers_do_not_divide(tmp_path):
         *ELASTIC_JOB,
         "train.steps=30",
         "train.checkpoint_every=5",
-        "train.keep_checkpoints=9",
+        "checkpoints.keep=9",
     )
     job = start_job(workdir, params, elastic_launcher(discover, max_workers=3))
     with killing_all_at_exit(job) as tree:
@@ -229,7 +229,7 @@ def test_an_elastic_job_splits_a_batch_that_its_workers_do_not_divide(tmp_path):
     "binding, message",
     [
         ("train.stepz=5", "doesn't have a parameter named 'stepz'"),  # before Horovod starts
-        ("train.learning_rate=0", "train.learning_rate must be > 0, got 0"),  # after
+        ("optimizer.learning_rate=0", "optimizer.learning_rate must be > 0, got 0"),  # after
     ],
 )
 def test_a_mistake_in_an_elastic_job_is_one_message_and_status_2(tmp_path, binding, message):
@@ -287,7 +287,7 @@ PROXY_LOSS = (
     "ArcFaceLoss.scale=16.0",
     "ArcFaceLoss.num_classes=20",  # 20 centres: 10 a worker when two
     "ArcFaceLoss.sample_rate=0.5",
-    "train.learning_rate=0.01",
+    "optimizer.learning_rate=0.01",
 )
 
 

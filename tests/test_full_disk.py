@@ -19,7 +19,7 @@ JOB = (
     "train.checkpoint_every=5",
     "train.log_every=1",
     "train.eval_every=1000",
-    "train.export_model=False",
+    "export.enabled=False",
 )
 
 

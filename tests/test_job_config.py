@@ -107,3 +107,44 @@ def test_a_config_name_is_a_path_first_then_a_shipped_config(tmp_path, monkeypat
     assert resolve_gin_file(str(tmp_path / "sop.gin")) == str(tmp_path / "sop.gin")
     with pytest.raises(UsageError, match="'nosuch' not found .*the shipped configs are base, "):
         resolve_gin_file("nosuch")
+
+
+def test_a_moved_binding_says_where_it_went():
+    import trainer.config  # noqa: F401  (registers the job's configurables)
+    from trainer.job_config import MOVED, parse_config
+
+    assert MOVED["train.learning_rate"] == "optimizer.learning_rate"
+    for old, new in MOVED.items():
+        gin.clear_config()
+        with pytest.raises(UsageError, match=f"^{old} is now {new}: rename it in the config"):
+            parse_config(["digits"], [f"{old} = None"])
+
+
+def test_each_part_reads_its_own_configurable():
+    import trainer.config  # noqa: F401
+    from trainer.checkpoints import checkpoint_settings
+    from trainer.export import export_settings
+    from trainer.job_config import parse_config
+    from trainer.learner import optimizer_settings, precision_policy
+    from trainer.model import batchnorm_settings
+
+    gin.clear_config()
+    parse_config(
+        ["digits"],
+        [
+            "optimizer.name = 'sgd'",
+            "optimizer.learning_rate = 0.1",
+            "optimizer.scale_learning_rate = True",
+            "optimizer.reference_batch_size = 512",
+            "checkpoints.keep = 7",
+            "export.enabled = False",
+            "precision.policy = 'mixed_bfloat16'",
+            "batchnorm.synchronized = True",
+        ],
+    )
+    optimizer = optimizer_settings()
+    assert (optimizer.name, optimizer.learning_rate) == ("sgd", 0.1)
+    assert optimizer.base_rate(global_batch_size=1024) == pytest.approx(0.2)  # 0.1 × 1024/512
+    assert checkpoint_settings().keep == 7 and checkpoint_settings().asynchronous is True
+    assert export_settings() is False
+    assert precision_policy() == "mixed_bfloat16" and batchnorm_settings() is True

@@ -7,7 +7,7 @@ import pytest
 
 from tests.jobs import HOROVOD_SH, ROOT, run_job, scalars
 
-SHORT = ("train.steps=3", "train.log_every=1", "train.eval_every=1000", "train.export_model=False")
+SHORT = ("train.steps=3", "train.log_every=1", "train.eval_every=1000", "export.enabled=False")
 
 
 def test_mirrored_script_runs_mirrored_strategy(tmp_path):

@@ -12,7 +12,7 @@ import losses
 from data.sampler import PKSampler
 from data.sources import Source, digits
 from tests.cross_replica_case import global_batch, mirrored
-from tests.jobs import run_horovod_2, scalars
+from tests.jobs import gin_bound, run_horovod_2, scalars
 from trainer.loop import NumericalError, train
 from trainer.replicas import Replicas
 from trainer.train_step import TrainStep
@@ -30,18 +30,17 @@ def poisoned_digits():
 
 
 def run(workdir, nonfinite, steps):
-    return train(
-        str(workdir),
-        Replicas(),
-        steps=steps,
-        train_data=poisoned_digits,
-        nonfinite=nonfinite,
-        checkpoint_every=1,
-        log_every=1,
-        eval_every=1000,
-        export_model=False,
-        keep_checkpoints=100,
-    )
+    with gin_bound({"export.enabled": False, "checkpoints.keep": 100}):
+        return train(
+            str(workdir),
+            Replicas(),
+            steps=steps,
+            train_data=poisoned_digits,
+            nonfinite=nonfinite,
+            checkpoint_every=1,
+            log_every=1,
+            eval_every=1000,
+        )
 
 
 def model_weights(checkpoint):
@@ -141,16 +140,16 @@ def test_the_loop_reads_the_device_only_at_log_checkpoint_and_print_steps(tmp_pa
             return super().sum_over_processes(array)
 
     monkeypatch.setattr(loop, "tf", types.SimpleNamespace(stack=stack))
-    train(
-        str(tmp_path),
-        Counted(),
-        steps=20,
-        log_every=5,
-        checkpoint_every=10,
-        eval_every=1000,
-        progress_seconds=1e9,
-        export_model=False,
-    )
+    with gin_bound({"export.enabled": False}):
+        train(
+            str(tmp_path),
+            Counted(),
+            steps=20,
+            log_every=5,
+            checkpoint_every=10,
+            eval_every=1000,
+            progress_seconds=1e9,
+        )
     assert reads == [1, 4, 5, 5, 5]  # step 1 (printed), then steps 5, 10, 15, 20
     assert agreements == [5, 5, 5, 5]
     assert sorted(scalars(tmp_path, "train/loss")) == [5, 10, 15, 20]
@@ -180,7 +179,8 @@ def test_the_next_batch_goes_to_the_devices_before_the_loop_waits_on_a_step(tmp_
     monkeypatch.setattr(TrainStep, "dispatch_staged", dispatching)
     monkeypatch.setattr(loop, "tf", types.SimpleNamespace(stack=reading))
     common = dict(steps=4, log_every=2, checkpoint_every=100, eval_every=100)
-    train(str(tmp_path), Replicas(), progress_seconds=1e9, export_model=False, **common)
+    with gin_bound({"export.enabled": False}):
+        train(str(tmp_path), Replicas(), progress_seconds=1e9, **common)
     # step 1 is printed, steps 2 and 4 logged; the final evaluation reads nothing here.
     assert " ".join(events) == ("stage step stage read step stage read step stage step read"), (
         events
@@ -195,13 +195,21 @@ def test_skip_mode_recovers_after_a_long_run_of_bad_steps(precision, count):
     every later step skipped.) float32 skips by the global verdict, with no scale;
     mixed_float16 keeps Keras' dynamic scale, floored at 1."""
     from tests.cross_replica_case import build_model
-    from trainer.learner import build_learner
+    from trainer.learner import OptimizerSettings, build_learner
 
     replicas = Replicas() if count == 1 else mirrored(count)
     learner = build_learner(
-        replicas, build_model, losses.TripletSemiHardLoss(margin=0.5), True, "adam", 1e-3,
-        0.0, precision, False, "skip", 250, 0, lambda *a, **k: None,
-    )  # fmt: skip
+        replicas,
+        model=build_model,
+        loss=losses.TripletSemiHardLoss(margin=0.5),
+        optimizer=OptimizerSettings(name="adam", learning_rate=1e-3),
+        global_batch_size=len(global_batch()[1]),
+        steps=250,
+        seed=0,
+        say=lambda *a, **k: None,
+        precision=precision,
+        nonfinite="skip",
+    )
     try:
         x, labels = global_batch()
         bad = np.full_like(x, np.nan)

@@ -12,7 +12,7 @@ from tests.jobs import HOROVOD_2, read_events, run_job, scalars
 QUICK = (
     "train.steps=2",
     "train.log_every=1",
-    "train.export_model=False",
+    "export.enabled=False",
 )
 
 
@@ -80,7 +80,7 @@ def test_the_faces_config_reports_verification_and_the_roc_curve(tmp_path):
         "train.model=@small_convnet",
         "small_convnet.image_size=32",
         "small_convnet.embedding_dim=16",
-        "train.precision=None",
+        "precision.policy=None",
         "train.global_batch_size=8",
         "train.examples_per_class=4",
         "distribute.strategy='single'",

@@ -27,7 +27,7 @@ RESUMABLE_JOB = (
     "train.checkpoint_every=10",
     "train.log_every=1",
     "train.eval_every=1000",
-    "train.export_model=False",
+    "export.enabled=False",
 )
 
 
@@ -54,7 +54,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
         "train.steps=100000",
         "train.checkpoint_every=100000",
         "train.log_every=1",
-        "train.export_model=False",
+        "export.enabled=False",
     )
     job = start_job(tmp_path, params)
     wait_for(lambda: logged_steps(tmp_path) >= 5, job)
@@ -109,7 +109,7 @@ def test_a_checkpoint_cut_short_by_a_kill_is_ignored(tmp_path):
     params = RESUMABLE_JOB[:1] + (
         "train.checkpoint_every=10",
         "train.eval_every=1000",
-        "train.export_model=False",
+        "export.enabled=False",
     )
     run_job(tmp_path, params + ("train.steps=20",))
     checkpoints = tmp_path / "checkpoints"

@@ -223,13 +223,13 @@ SMALL_IMAGE_JOB = (
     "backbone_embedding.image_size=32",
     "backbone_embedding.embedding_dim=8",
     "backbone_embedding.weights=None",
-    "train.synchronized_batchnorm=True",  # MobileNetV3 has BatchNorm
+    "batchnorm.synchronized=True",  # MobileNetV3 has BatchNorm
     "images.size=32",
     "train.global_batch_size=12",
     "train.examples_per_class=3",
     "train.log_every=1",
     "train.eval_every=1000",
-    "train.export_model=False",
+    "export.enabled=False",
 )
 
 
@@ -385,7 +385,7 @@ def test_a_job_whose_slice_has_no_readable_row_goes_on_with_its_labels(tmp_path,
         "train.steps=12",
         "train.log_every=1",
         "train.eval_every=1000",
-        "train.export_model=False",
+        "export.enabled=False",
         "verify_images.on_corrupt='skip'",
         "train.train_data=@train_split/image_folder",
         "train.eval_data=@eval_split/image_folder",
@@ -455,7 +455,7 @@ def test_a_job_over_2000_shards_trains_and_evaluates_under_ulimit_256(tmp_path):
         "train.global_batch_size=16",
         "train.examples_per_class=4",
         "train.steps=3",
-        "train.export_model=False",
+        "export.enabled=False",
         "train.train_data=@train_split/tfrecord",
         "train.eval_data=@eval_split/tfrecord",
         f"train_split/tfrecord.pattern='{pattern}'",
@@ -553,5 +553,5 @@ def test_data_io_settings_are_read_and_checked_by_the_job(tmp_path):
     assert done.returncode == 2
     assert "data_io.retries must be a whole number >= 0, got -1." in done.stderr
     done = run_job(tmp_path / "job2", ("data_io.retries=5", "train.steps=1",
-                                       "train.export_model=False"))  # fmt: skip
+                                       "export.enabled=False"))  # fmt: skip
     assert "done in" in done.stdout  # a binding the job reads, not refused as unused

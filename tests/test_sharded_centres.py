@@ -236,7 +236,7 @@ def test_a_job_resumed_on_more_replicas_reshards_its_centres(tmp_path):
     np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)],
                                rtol=1e-5)  # fmt: skip
     assert want[12] < want[1]
-    # Only the kept checkpoints' centres stay (train.keep_checkpoints).
+    # Only the kept checkpoints' centres stay (checkpoints.keep).
     kept = {p.name for p in (resumed / "checkpoints").glob("centres-*.index")}
     assert kept == {"centres-6.index", "centres-12.index"}
 
@@ -255,7 +255,7 @@ def test_a_checkpoint_of_other_centres_is_refused_by_name(tmp_path):
 
 def test_a_finished_job_exports_the_whole_centres_beside_the_model(tmp_path):
     workdir = tmp_path / "job"
-    params = [p for p in PROXY_JOB if not p.startswith("train.export_model")]
+    params = [p for p in PROXY_JOB if not p.startswith("export.enabled")]
     done = run_job(workdir, (*params, "distribute.cpu_replicas=3", "train.steps=4"))
     centres = np.load(workdir / "class_centres.npy")
     assert centres.shape == (20, 256) and np.isfinite(centres).all()
@@ -312,7 +312,7 @@ def test_the_job_with_sharded_centres_is_one_device_s_on_every_backend(tmp_path)
     from tests.jobs import HOROVOD_2, ROOT
 
     multi_worker_2 = (f"{ROOT}/launch/multi_worker.sh", "local", "2")
-    params = [p for p in PROXY_JOB if not p.startswith(("train.export_model", "distribute."))]
+    params = [p for p in PROXY_JOB if not p.startswith(("export.enabled", "distribute."))]
     runs = {
         "single": ((), ("distribute.strategy='single'",)),
         "horovod2": (HOROVOD_2, ("distribute.strategy='horovod'",)),
@@ -335,7 +335,7 @@ def test_the_job_with_sharded_centres_is_one_device_s_on_every_backend(tmp_path)
 def test_the_centres_learn_at_their_own_rate(tmp_path):
     """Adam's first steps move each coordinate by about the rate: 100 × the rate moves
     the centres about 100 × as far; a rate multiplier of 0 is refused by name."""
-    params = [p for p in PROXY_JOB if not p.startswith(("train.export_model", "distribute.",
+    params = [p for p in PROXY_JOB if not p.startswith(("export.enabled", "distribute.",
                                                          "train.steps"))]  # fmt: skip
     params += [
         "distribute.strategy='single'",
@@ -345,14 +345,14 @@ def test_the_centres_learn_at_their_own_rate(tmp_path):
     moved = {}
     for multiplier in (1, 100):
         workdir = tmp_path / f"x{multiplier}"
-        run_job(workdir, (*params, f"train.centre_learning_rate_multiplier={multiplier}"))
+        run_job(workdir, (*params, f"optimizer.centre_learning_rate_multiplier={multiplier}"))
         start = proxies.initial_centres(0, 20, 1, 256, seed=0).numpy()
         moved[multiplier] = np.abs(np.load(workdir / "class_centres.npy") - start).mean()
     assert 50 < moved[100] / moved[1] < 150, moved
-    done = run_job(tmp_path / "zero", (*params, "train.centre_learning_rate_multiplier=0"),
+    done = run_job(tmp_path / "zero", (*params, "optimizer.centre_learning_rate_multiplier=0"),
                    check=False)  # fmt: skip
     assert done.returncode == 2
-    assert "train.centre_learning_rate_multiplier must be > 0, got 0" in done.stderr
+    assert "optimizer.centre_learning_rate_multiplier must be > 0, got 0" in done.stderr
 
 
 def test_saved_shards_are_read_back_exactly_on_any_replica_count(tmp_path):

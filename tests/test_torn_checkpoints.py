@@ -97,7 +97,7 @@ def test_a_job_resumes_exactly_from_the_checkpoint_before_a_torn_one(tmp_path):
         "train.checkpoint_every=10",
         "train.log_every=1",
         "train.eval_every=1000",
-        "train.export_model=False",
+        "export.enabled=False",
     )
     run_job(tmp_path, params)
     first = scalars(tmp_path, "train/loss")
@@ -134,7 +134,7 @@ def test_a_torn_class_centre_file_sends_the_job_back_to_the_checkpoint_before(tm
         "train.checkpoint_every=6",
         "train.log_every=1",
         "train.eval_every=1000",
-        "train.export_model=False",
+        "export.enabled=False",
     )
     run_job(tmp_path, params)
     first = scalars(tmp_path, "train/loss")

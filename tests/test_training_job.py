@@ -180,7 +180,7 @@ def test_restart_with_the_same_workdir_resumes_where_it_stopped(tmp_path):
         (("train.cross_replica_mining=1",), (), "train.cross_replica_mining must be bool"),
         (("TripletSemiHardLoss.margin=-1",), (), "margin must be >= 0, got -1"),
         (("TripletSemiHardLoss.distance='manhattan'",), (), "Unknown distance 'manhattan'"),
-        (("train.learning_rate=0",), (), "train.learning_rate must be > 0, got 0"),
+        (("optimizer.learning_rate=0",), (), "optimizer.learning_rate must be > 0, got 0"),
         (("train.jit_compile_model='yes'",), (), "train.jit_compile_model must be bool, got 'yes'"),
         (
             ("train.precise_batchnorm_batches=-1",),
@@ -188,14 +188,18 @@ def test_restart_with_the_same_workdir_resumes_where_it_stopped(tmp_path):
             "train.precise_batchnorm_batches must be >= 0 (0: off), got -1",
         ),
         (("small_convnet.widths=()", "train.model=@small_convnet"), (), "small_convnet.widths"),
-        (("train.keep_checkpoints=0",), (), "train.keep_checkpoints must be >= 1"),
+        (("checkpoints.keep=0",), (), "checkpoints.keep must be >= 1"),
         (("learning_rate_schedule.warmup_steps=-1",), (), "warmup_steps must be >= 0"),
         (("data_cache.enabled='no'",), (), "data_cache.enabled must be True or False, got 'no'"),
-        (("train.reference_batch_size=0",), (), "train.reference_batch_size must be >= 1, got 0"),
         (
-            ("train.centre_learning_rate_multiplier=0",),
+            ("optimizer.reference_batch_size=0",),
             (),
-            "train.centre_learning_rate_multiplier must be > 0, got 0",
+            "optimizer.reference_batch_size must be >= 1, got 0",
+        ),
+        (
+            ("optimizer.centre_learning_rate_multiplier=0",),
+            (),
+            "optimizer.centre_learning_rate_multiplier must be > 0, got 0",
         ),
         (("data_io.backoff_seconds=-1",), (), "data_io.backoff_seconds must be >= 0, got -1"),
         (
@@ -228,7 +232,7 @@ def test_user_mistakes_exit_2_with_one_clear_line(tmp_path, params, flags, messa
 def test_the_default_job_is_its_gin_config_and_every_binding_applies(tmp_path):
     """No --gin_file: gin/digits.gin, parsed like any config, so a binding of the loss
     changes the training and the operative config says what ran."""
-    params = ("distribute.strategy='single'", "train.steps=1", "train.export_model=False")
+    params = ("distribute.strategy='single'", "train.steps=1", "export.enabled=False")
     run_job(tmp_path / "default", params + ("train.log_every=1",))
     run_job(tmp_path / "margin", params + ("train.log_every=1", "TripletSemiHardLoss.margin=0.5"))
     default, wider = (
@@ -285,7 +289,7 @@ def test_image_folder_job_with_a_backbone_from_the_cub_config(tmp_path):
         "backbone_embedding.weights=None",
         "backbone_embedding.batchnorm='synchronized'",
         "train.precise_batchnorm_batches=2",
-        "train.precision=None",
+        "precision.policy=None",
         "train.steps=2",
         "train.global_batch_size=6",
         "train.examples_per_class=2",
@@ -307,7 +311,7 @@ def test_image_folder_job_with_a_backbone_from_the_cub_config(tmp_path):
 
 
 def test_resuming_with_an_incompatible_config_names_the_checkpoint(tmp_path):
-    params = ("distribute.strategy='single'", "train.steps=2", "train.export_model=False")
+    params = ("distribute.strategy='single'", "train.steps=2", "export.enabled=False")
     run_job(tmp_path, params)
     written = (tmp_path / "operative_config.gin").read_text()
     done = run_job(tmp_path, params + ("digits_convnet.width=32",), check=False)
@@ -390,7 +394,7 @@ def test_a_users_own_model_from_a_module_outside_the_project(tmp_path, monkeypat
             "keras.layers.GlobalAveragePooling2D()",
             "keras.layers.UnitNormalization()",
         ],
-        ("train.export_model=False",),
+        ("export.enabled=False",),
     )
     assert "80 parameters" in done.stdout  # 3*3*1*8 + 8: the width-8 net, not width 16
     operative = (tmp_path / "w" / "operative_config.gin").read_text()
@@ -445,7 +449,7 @@ def test_the_sop_config_trains_on_its_listings(tmp_path):
         "backbone_embedding.image_size=32",
         "backbone_embedding.embedding_dim=16",
         "backbone_embedding.weights=None",
-        "train.precision=None",
+        "precision.policy=None",
         "train.steps=2",
         "train.global_batch_size=4",
         "train.log_every=1",
@@ -464,9 +468,13 @@ def test_the_sop_config_trains_on_its_listings(tmp_path):
 
 
 def test_learning_rate_scaling_follows_the_global_batch_not_the_replica_count(tmp_path):
-    """train.scale_learning_rate: rate × global batch / train.reference_batch_size, the
+    """optimizer.scale_learning_rate: rate × global batch / optimizer.reference_batch_size, the
     same on 1 and 4 replicas (it used to multiply by the replica count)."""
-    scaled = (*SHORT_JOB, "train.scale_learning_rate=True", "train.reference_batch_size=256")
+    scaled = (
+        *SHORT_JOB,
+        "optimizer.scale_learning_rate=True",
+        "optimizer.reference_batch_size=256",
+    )
     runs = {
         "plain": (*SHORT_JOB, "distribute.strategy='single'"),
         "single": (*scaled, "distribute.strategy='single'"),

@@ -66,15 +66,16 @@ def test_the_job_with_jit_compile_model_equals_the_job_without(tmp_path):
     ranking, so they are compared within what the measured embedding differences can
     reorder (`reordering_bound`), not at a fixed tolerance."""
     from data.sources import digits
-    from tests.jobs import scalars
+    from tests.jobs import gin_bound, scalars
 
     # SGD: a weight's change is its gradient times the rate. Adam divides by the root of
     # the gradient's second moment, which turns the rounding of a near-zero gradient into
     # a change of up to the rate itself (seen: 2.8e-6 at rate 1e-4), whatever XLA does.
-    common = dict(steps=3, log_every=1, eval_every=1000, optimizer="sgd", learning_rate=0.05)
+    common = dict(steps=3, log_every=1, eval_every=1000)
     runs = {"plain": {}, "xla": {"jit_compile_model": True}}
-    results = {name: train(str(tmp_path / name), Replicas(), **common, **extra)
-               for name, extra in runs.items()}  # fmt: skip
+    with gin_bound({"optimizer.name": "sgd", "optimizer.learning_rate": 0.05}):
+        results = {name: train(str(tmp_path / name), Replicas(), **common, **extra)
+                   for name, extra in runs.items()}  # fmt: skip
     want, got = scalars(tmp_path / "plain", "train/loss"), scalars(tmp_path / "xla", "train/loss")
     assert sorted(got) == [1, 2, 3]
     for step in want:

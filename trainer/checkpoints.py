@@ -25,6 +25,7 @@ named, moved aside into `checkpoints/torn/` (never deleted) and the one before i
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import shutil
@@ -41,6 +42,7 @@ from tensorflow.python.checkpoint.checkpoint_management import update_checkpoint
 
 from data.errors import InputError
 from trainer.class_centres import centres_prefix
+from trainer.settings import check_types
 
 TORN = "torn"  # where unreadable checkpoints are moved, inside the checkpoint directory
 
@@ -68,12 +70,21 @@ def unreadable(prefix: str) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    """How many checkpoints are kept, and whether a proxy loss's centres are written while
+    the steps go on (the gin configurable `checkpoints`; gin/base.gin documents each)."""
+
+    keep: int = 3
+    asynchronous: bool = True
+
+
 @gin.configurable("checkpoints")
-def asynchronous_checkpoints(asynchronous: bool = True) -> bool:
-    """Whether a proxy loss's centres are written while the steps go on (gin/base.gin)."""
-    if not isinstance(asynchronous, bool):
-        raise InputError(f"checkpoints.asynchronous must be True or False, got {asynchronous!r}.")
-    return asynchronous
+def checkpoint_settings(keep: int = 3, asynchronous: bool = True) -> CheckpointSettings:
+    check_types("checkpoints", checkpoint_settings, dict(locals()))
+    if keep < 1:
+        raise InputError(f"checkpoints.keep must be >= 1, got {keep}.")
+    return CheckpointSettings(keep, asynchronous)
 
 
 class _PendingSave:

@@ -63,7 +63,7 @@ class ShardedCentres:
         adam: tuple = ADAM_DEFAULTS,
     ):
         if optimizer not in SLOTS:
-            raise InputError(f"train.optimizer={optimizer!r} has no sharded-centre update")
+            raise InputError(f"optimizer.name={optimizer!r} has no sharded-centre update")
         self.loss, self.replicas = loss, replicas
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.rows_per_class = loss.rows_per_class

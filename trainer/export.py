@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import gin
 import keras
 import numpy as np
 import tensorflow as tf
@@ -16,10 +17,18 @@ from tensorboard.plugins import projector as tb_projector
 from data.errors import InputError
 from data.pipeline import ImagePreprocessing
 from losses.distances import canonical_distance
+from trainer.settings import check_types
 
 # Beside the graph (TF Serving ignores assets.extra): what the model's embeddings are
 # compared with, so an index is never built or searched with another distance.
 FACTS = os.path.join("assets.extra", "embedding.json")
+
+
+@gin.configurable("export")
+def export_settings(enabled: bool = True) -> bool:
+    """Whether the chief exports the SavedModel at the end (gin/base.gin)."""
+    check_types("export", export_settings, dict(locals()))
+    return enabled
 
 
 def saved_model(model, path: str, preprocessing=None, distance: str | None = None) -> str:

@@ -19,6 +19,16 @@ DEFAULT_JOB = "digits"  # digits.gin: the embedded default job
 MOVED = {
     "train.recall_k": "evaluation.recall_k",
     "train.eval_chunk_size": "evaluation.chunk_size",
+    "train.optimizer": "optimizer.name",
+    "train.learning_rate": "optimizer.learning_rate",
+    "train.weight_decay": "optimizer.weight_decay",
+    "train.scale_learning_rate": "optimizer.scale_learning_rate",
+    "train.reference_batch_size": "optimizer.reference_batch_size",
+    "train.centre_learning_rate_multiplier": "optimizer.centre_learning_rate_multiplier",
+    "train.keep_checkpoints": "checkpoints.keep",
+    "train.export_model": "export.enabled",
+    "train.precision": "precision.policy",
+    "train.synchronized_batchnorm": "batchnorm.synchronized",
 }
 
 

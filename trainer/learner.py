@@ -16,6 +16,7 @@ from losses import PROXY_LOSS_CLASSES
 from trainer.class_centres import ShardedCentres
 from trainer.key_memory import KeyMemory
 from trainer.model import batchnorm_layers, sync_batchnorm
+from trainer.settings import check, check_types
 from trainer.train_step import TrainStep
 
 OPTIMIZERS = {
@@ -24,6 +25,59 @@ OPTIMIZERS = {
     "sgd": keras.optimizers.SGD,
 }
 PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer's settings (the gin configurable `optimizer`)."""
+
+    name: str = "adam"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    scale_learning_rate: bool = False
+    reference_batch_size: int = 256
+    centre_learning_rate_multiplier: float = 1.0
+
+    def base_rate(self, global_batch_size: int) -> float:
+        """optimizer.learning_rate, or with optimizer.scale_learning_rate the linear
+        scaling rule: the rate × global batch / optimizer.reference_batch_size. It depends
+        on the global batch alone, never on the replica count (replica-count invariance)."""
+        if not self.scale_learning_rate:
+            return self.learning_rate
+        return self.learning_rate * global_batch_size / self.reference_batch_size
+
+
+@gin.configurable("optimizer")
+def optimizer_settings(
+    name: str = "adam",
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.0,
+    scale_learning_rate: bool = False,
+    reference_batch_size: int = 256,
+    centre_learning_rate_multiplier: float = 1.0,
+) -> OptimizerSettings:
+    """The optimizer's settings, checked (gin/base.gin documents each)."""
+    check_types("optimizer", optimizer_settings, dict(locals()))
+    check(name in OPTIMIZERS, f"Unknown optimizer.name {name!r}; valid: {tuple(OPTIMIZERS)}.")
+    check(learning_rate > 0, f"optimizer.learning_rate must be > 0, got {learning_rate}.")
+    check(weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {weight_decay}.")
+    check(
+        reference_batch_size >= 1,
+        f"optimizer.reference_batch_size must be >= 1, got {reference_batch_size}.",
+    )
+    check(
+        centre_learning_rate_multiplier > 0,
+        "optimizer.centre_learning_rate_multiplier must be > 0, got "
+        f"{centre_learning_rate_multiplier}.",
+    )
+    return OptimizerSettings(**locals())
+
+
+@gin.configurable("precision")
+def precision_policy(policy: str | None = None) -> str | None:
+    """The Keras mixed-precision policy of the model (None: float32)."""
+    check(policy in PRECISIONS, f"Unknown precision.policy {policy!r}; valid: {PRECISIONS}.")
+    return policy
 
 
 @gin.configurable
@@ -80,34 +134,34 @@ class FlooredLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
 def build_learner(
     replicas,
+    *,
     model,
     loss,
-    cross_replica_mining: bool,
-    optimizer: str,
-    learning_rate: float,
-    weight_decay: float,
-    precision: str | None,
-    synchronized_batchnorm: bool,
-    nonfinite: str,
+    optimizer: OptimizerSettings,
+    global_batch_size: int,
     steps: int,
     seed: int,
     say,
+    cross_replica_mining: bool = True,
+    precision: str | None = None,
+    synchronized_batchnorm: bool = False,
+    nonfinite: str = "stop",
     cross_batch_memory: int = 0,
     jit_compile_model: bool = False,
     num_classes: int | None = None,
-    centre_learning_rate_multiplier: float = 1.0,
     embedding_chunk_size: int | None = None,
     mining_memory_mb: int = 256,
 ) -> Learner:
-    """`model()` under `precision`, seeded, with the named optimizer on the warm-up/cosine
-    schedule. `nonfinite='skip'` wraps the optimizer in a loss-scale optimizer of scale 1,
-    whose skipping of non-finite steps is what 'skip' needs. `cross_batch_memory` > 0
-    keeps that many examples of past global batches as extra keys. `jit_compile_model`
-    compiles the model's forward and backward passes with XLA (not the mining). A proxy
-    loss gets its centres sharded over the replicas: `num_classes` (the training data's)
-    unless the loss sets it, the width of the model's embeddings. `embedding_chunk_size`:
-    see trainer/grad_cache.py (refused with synchronized BatchNorm, which a chunk cannot
-    be exact with). `mining_memory_mb`: the budget of one replica's mining arrays."""
+    """`model()` under `precision`, seeded, with `optimizer`'s optimizer on the
+    warm-up/cosine schedule. `nonfinite='skip'` wraps the optimizer in a loss-scale
+    optimizer of scale 1, whose skipping of non-finite steps is what 'skip' needs.
+    `cross_batch_memory` > 0 keeps that many examples of past global batches as extra
+    keys. `jit_compile_model` compiles the model's forward and backward passes with XLA
+    (not the mining). A proxy loss gets its centres sharded over the replicas:
+    `num_classes` (the training data's) unless the loss sets it, the width of the model's
+    embeddings. `embedding_chunk_size`: see trainer/grad_cache.py (refused with
+    synchronized BatchNorm, which a chunk cannot be exact with). `mining_memory_mb`: the
+    budget of one replica's mining arrays."""
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(seed)
     with replicas.scope():
@@ -119,10 +173,10 @@ def build_learner(
             _check_chunkable(embedding_model, synchronized, embedding_chunk_size, say)
         if synchronized:
             say(f"synchronized BatchNorm in {sync_batchnorm(embedding_model, replicas)} layers")
-        schedule = learning_rate_schedule(learning_rate, steps)
-        opt = OPTIMIZERS[optimizer](
-            learning_rate=schedule,
-            **({"weight_decay": weight_decay} if weight_decay else {}),
+        schedule = learning_rate_schedule(optimizer.base_rate(global_batch_size), steps)
+        decay = optimizer.weight_decay
+        opt = OPTIMIZERS[optimizer.name](
+            learning_rate=schedule, **({"weight_decay": decay} if decay else {})
         )
         if precision == "mixed_float16":
             # Skipping without float16 needs no scale: the step's global finite verdict
@@ -134,14 +188,14 @@ def build_learner(
             memory = KeyMemory(cross_batch_memory, width)
     centres = None
     if isinstance(loss, PROXY_LOSS_CLASSES):
-        multiplier = centre_learning_rate_multiplier
+        multiplier = optimizer.centre_learning_rate_multiplier
 
         def centre_schedule(step):
             return schedule(step) * multiplier
 
         centres = _sharded_centres(
-            loss, replicas, embedding_model, num_classes, optimizer, centre_schedule,
-            weight_decay,
+            loss, replicas, embedding_model, num_classes, optimizer.name, centre_schedule,
+            optimizer.weight_decay,
         )  # fmt: skip
         say(
             f"class centres: {loss.num_classes:,} classes × {loss.rows_per_class} × "

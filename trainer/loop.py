@@ -1,7 +1,8 @@
 """The training job: `train` checks the train.* settings, assembles the job from its
 parts (data → model, optimizer and loss → outputs) and runs the step loop.
 
-Every public knob is a `train.*` gin binding (see gin/base.gin). The loop runs on the
+The job's own settings are `train.*` gin bindings; each part's are its configurable's
+(`optimizer.*`, `checkpoints.*`, ...; see gin/base.gin). The loop runs on the
 replica abstraction and never branches on the backend, only on whether workers may come
 and go (elastic Horovod); the chief alone prints progress, writes TensorBoard and
 checkpoints and exports.
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import types
-import typing
 
 import gin
 import numpy as np
@@ -23,12 +22,15 @@ from data.pipeline import listed, train_batches, unreadable
 from losses import LOSS_CLASSES, PROXY_LOSS_CLASSES, TripletSemiHardLoss
 from trainer import heartbeat
 from trainer.batchnorm import COLLAPSED, BatchNormStatistics
+from trainer.checkpoints import checkpoint_settings
 from trainer.evaluation import evaluation
+from trainer.export import export_settings
 from trainer.job_data import JobData, load_data
-from trainer.learner import OPTIMIZERS, PRECISIONS, Learner, build_learner
-from trainer.model import digits_convnet
+from trainer.learner import Learner, build_learner, optimizer_settings, precision_policy
+from trainer.model import batchnorm_settings, digits_convnet
 from trainer.outputs import Outputs, duration, final_summary, open_outputs, write_results
 from trainer.preemption import StopRequest
+from trainer.settings import check, check_types
 from trainer.train_step import metrics_of
 
 MEMORY_TAG = "memory_negative_fraction"  # written only with train.cross_batch_memory
@@ -54,22 +56,12 @@ def train(
     train_data=None,
     eval_data=None,
     model=digits_convnet,
-    optimizer: str = "adam",
-    learning_rate: float = 1e-4,
-    weight_decay: float = 0.0,
-    scale_learning_rate: bool = False,
-    reference_batch_size: int = 256,
-    precision: str | None = None,
-    synchronized_batchnorm: bool = False,
-    keep_checkpoints: int = 3,
     progress_seconds: float = 10.0,
-    export_model: bool = True,
     stop_after_steps: int | None = None,
     nonfinite: str = "stop",
     elastic_commit_every: int = 10,
     jit_compile_model: bool = False,
     precise_batchnorm_batches: int = 50,
-    centre_learning_rate_multiplier: float = 1.0,
     embedding_chunk_size: int | None = None,
     mining_memory_mb: int = 256,
     assembled=None,
@@ -87,9 +79,9 @@ def train(
     (the entry point refuses --gin_param bindings that nothing read). A model with
     training BatchNorm layers has their population statistics recomputed over
     `precise_batchnorm_batches` training batches before each evaluation (0: off; see
-    trainer/batchnorm.py). A proxy loss's class centres learn at
-    `centre_learning_rate_multiplier` × the model's rate (Proxy-Anchor's authors use 100).
-    The evaluation's settings are the configurable `evaluation` (trainer/evaluation.py).
+    trainer/batchnorm.py). The parts' own settings are their configurables: `optimizer`
+    (trainer/learner.py), `precision`, `batchnorm` (trainer/model.py), `checkpoints`,
+    `export` and `evaluation` (trainer/evaluation.py); this reads them once, here.
     `embedding_chunk_size` rows of a replica's slice are embedded at a time, twice, with
     the loss's cached gradient (GradCache, trainer/grad_cache.py): the global batch is
     then bounded by the mining's memory, not by the model's activations. That memory
@@ -97,8 +89,14 @@ def train(
     arrays fit `mining_memory_mb` (losses/tiles.py).
     """
     settings = dict(locals())
-    _check_types(train, settings)
+    check_types("train", train, settings)
     _check_settings(settings, replicas)
+    optimizing, precision, synchronized_batchnorm = (
+        optimizer_settings(),
+        precision_policy(),
+        batchnorm_settings(),
+    )
+    checkpointing, export_model = checkpoint_settings(), export_settings()
     started = time.time()
     loss = loss if loss is not None else TripletSemiHardLoss(margin=0.2, distance="cosine")
     _check_minable(loss, cross_replica_mining, cross_batch_memory)
@@ -122,22 +120,20 @@ def train(
     )
     learner = build_learner(
         replicas,
-        model,
-        loss,
-        cross_replica_mining,
-        optimizer,
-        _base_rate(learning_rate, scale_learning_rate, global_batch_size, reference_batch_size),
-        weight_decay,
-        precision,
-        synchronized_batchnorm,
-        nonfinite,
-        steps,
-        seed,
-        say,
-        cross_batch_memory,
-        jit_compile_model,
+        model=model,
+        loss=loss,
+        optimizer=optimizing,
+        global_batch_size=global_batch_size,
+        steps=steps,
+        seed=seed,
+        say=say,
+        cross_replica_mining=cross_replica_mining,
+        precision=precision,
+        synchronized_batchnorm=synchronized_batchnorm,
+        nonfinite=nonfinite,
+        cross_batch_memory=cross_batch_memory,
+        jit_compile_model=jit_compile_model,
         num_classes=int(np.max(data.train_source.labels)) + 1 if len(data.train_source) else None,
-        centre_learning_rate_multiplier=centre_learning_rate_multiplier,
         embedding_chunk_size=embedding_chunk_size,
         mining_memory_mb=mining_memory_mb,
     )
@@ -150,10 +146,10 @@ def train(
         learner,
         loss.distance,
         evaluating,
-        keep_checkpoints,
-        export_model,
         say,
-        seed,
+        checkpointing=checkpointing,
+        export_model=export_model,
+        seed=seed,
     )
     say(
         f"replicas: {replicas.size} ({replicas.name}), global batch {global_batch_size} = "
@@ -215,31 +211,6 @@ class _Job:
     unreadable_images: int = 0  # images unreadable at run time, replaced (on_corrupt='skip')
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise InputError(message)
-
-
-def _check_types(function, values: dict) -> None:
-    """Each annotated parameter of the gin-configured `function` has a value of its type
-    (a binding like train.steps='abc' is named here, not deep in a traceback)."""
-    hints = typing.get_type_hints(function.__wrapped__)
-    for name, hint in hints.items():
-        if name == "return" or name not in values:
-            continue
-        value = values[name]
-        allowed = typing.get_args(hint) if typing.get_origin(hint) is types.UnionType else (hint,)
-        if float in allowed:
-            allowed = (*allowed, int)  # 1 is a fine learning rate
-        matches = any(
-            value is None if kind is type(None) else isinstance(value, kind) for kind in allowed
-        )
-        if matches and isinstance(value, bool) and bool not in allowed:
-            matches = False  # True is an int to Python, not a step count
-        names = " or ".join("None" if k is type(None) else k.__name__ for k in allowed)
-        _check(matches, f"train.{name} must be {names}, got {value!r} ({type(value).__name__}).")
-
-
 _AT_LEAST_ONE = (
     "steps",
     "global_batch_size",
@@ -248,9 +219,7 @@ _AT_LEAST_ONE = (
     "checkpoint_every",
     "eval_every",
     "elastic_commit_every",
-    "keep_checkpoints",
     "stop_after_steps",
-    "reference_batch_size",
     "embedding_chunk_size",
     "mining_memory_mb",
 )
@@ -260,42 +229,30 @@ def _check_settings(s: dict, replicas) -> None:
     """Every train.* value that makes no sense is refused by name, before anything runs."""
     for name in _AT_LEAST_ONE:
         if s[name] is not None:
-            _check(s[name] >= 1, f"train.{name} must be >= 1, got {s[name]}.")
-    _check(s["learning_rate"] > 0, f"train.learning_rate must be > 0, got {s['learning_rate']}.")
-    multiplier = s["centre_learning_rate_multiplier"]
-    _check(multiplier > 0, f"train.centre_learning_rate_multiplier must be > 0, got {multiplier}.")
-    _check(s["weight_decay"] >= 0, f"train.weight_decay must be >= 0, got {s['weight_decay']}.")
-    _check(
+            check(s[name] >= 1, f"train.{name} must be >= 1, got {s[name]}.")
+    check(
         s["progress_seconds"] >= 0,
         f"train.progress_seconds must be >= 0, got {s['progress_seconds']}.",
     )
     if not replicas.elastic:  # an elastic job takes the worker counts it gets (see below)
         _check_divides(s["global_batch_size"], replicas.size)
-    _check(
+    check(
         s["global_batch_size"] % s["examples_per_class"] == 0,
         f"train.global_batch_size={s['global_batch_size']} is not a multiple of "
         f"train.examples_per_class={s['examples_per_class']} (the P×K batch needs P = B / K).",
     )
-    _check(
-        s["optimizer"] in OPTIMIZERS,
-        f"Unknown train.optimizer {s['optimizer']!r}; valid: {tuple(OPTIMIZERS)}.",
-    )
-    _check(
+    check(
         s["nonfinite"] in ("stop", "skip"),
         f"Unknown train.nonfinite {s['nonfinite']!r}; valid: 'stop', 'skip'.",
     )
-    _check(
-        s["precision"] in PRECISIONS,
-        f"Unknown train.precision {s['precision']!r}; valid: {PRECISIONS}.",
-    )
-    _check(
+    check(
         s["precise_batchnorm_batches"] >= 0,
         f"train.precise_batchnorm_batches must be >= 0 (0: off), got "
         f"{s['precise_batchnorm_batches']}.",
     )
     memory = s["cross_batch_memory"]
-    _check(memory >= 0, f"train.cross_batch_memory must be >= 0 (0: off), got {memory}.")
-    _check(
+    check(memory >= 0, f"train.cross_batch_memory must be >= 0 (0: off), got {memory}.")
+    check(
         not (memory and not s["cross_replica_mining"]),
         "train.cross_batch_memory holds past global batches, so it needs "
         "train.cross_replica_mining=True.",
@@ -305,20 +262,20 @@ def _check_settings(s: dict, replicas) -> None:
 def _check_minable(loss, cross_replica_mining: bool, cross_batch_memory: int) -> None:
     if isinstance(loss, PROXY_LOSS_CLASSES):
         name = type(loss).__name__
-        _check(
+        check(
             cross_replica_mining,
             f"train.cross_replica_mining=False: {name} always takes the global batch "
             "against every replica's block of centres.",
         )
-        _check(not cross_batch_memory, f"train.cross_batch_memory is for mined losses, not {name}.")
+        check(not cross_batch_memory, f"train.cross_batch_memory is for mined losses, not {name}.")
         return
-    _check(
+    check(
         not hasattr(loss, "memory_size"),
         "train.loss = CrossBatchMemory keeps one device's memory; the job's memory of "
         "past global batches is train.cross_batch_memory = M, with the wrapped loss as "
         "train.loss.",
     )
-    _check(
+    check(
         callable(getattr(loss, "terms", None)),
         f"train.loss = {type(loss).__name__} cannot be mined over a batch (it takes explicit "
         "triplets); the trainer takes a loss with a query/key form: "
@@ -327,15 +284,8 @@ def _check_minable(loss, cross_replica_mining: bool, cross_batch_memory: int) ->
     )
 
 
-def _base_rate(rate: float, scale: bool, global_batch_size: int, reference: int) -> float:
-    """train.learning_rate, or with train.scale_learning_rate the linear scaling rule:
-    the rate × global batch / train.reference_batch_size. It depends on the global batch
-    alone, never on the replica count (replica-count invariance)."""
-    return rate * global_batch_size / reference if scale else rate
-
-
 def _check_divides(global_batch_size: int, num_replicas: int) -> None:
-    _check(
+    check(
         global_batch_size % num_replicas == 0,
         f"train.global_batch_size={global_batch_size} is not divisible by the "
         f"{num_replicas} replicas; each replica must hold the same number of rows.",

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from data.errors import InputError
+from trainer.settings import check_types
 
 # keras.applications constructor and preprocessing module per supported backbone, and the
 # file name pattern of its ImageNet weights (no top) in the Keras cache.
@@ -171,6 +172,14 @@ def backbone_embedding(
     model = keras.Model(inputs, outputs, name=f"{backbone}_embedding")
     model.synchronized_batchnorm = batchnorm == "synchronized"  # applied by the learner
     return model
+
+
+@gin.configurable("batchnorm")
+def batchnorm_settings(synchronized: bool = False) -> bool:
+    """Whether every BatchNorm layer of the model takes its moments over the global batch
+    (all replicas' rows) rather than its replica's slice (gin/base.gin)."""
+    check_types("batchnorm", batchnorm_settings, dict(locals()))
+    return synchronized
 
 
 def sync_batchnorm(model: keras.Model, replicas) -> int:

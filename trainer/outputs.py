@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from data.pipeline import encoded_images, eval_batches
 from trainer import export
-from trainer.checkpoints import Checkpoints, asynchronous_checkpoints
+from trainer.checkpoints import Checkpoints, CheckpointSettings
 from trainer.evaluation import Evaluator, format_figures
 from trainer.summaries import Summaries
 
@@ -38,9 +38,10 @@ def open_outputs(
     learner,
     distance: str,
     evaluating,
-    keep_checkpoints: int,
-    export_model: bool,
     say,
+    *,
+    checkpointing: CheckpointSettings,
+    export_model: bool,
     seed: int = 0,
 ) -> Outputs:
     """Creates the workdir, restores the last checkpoint and records the operative config.
@@ -50,9 +51,9 @@ def open_outputs(
     checkpoints = Checkpoints(
         os.path.join(workdir, "checkpoints"),
         replicas,
-        keep_checkpoints,
+        checkpointing.keep,
         centres=learner.centres,
-        asynchronous=asynchronous_checkpoints() and not replicas.elastic,
+        asynchronous=checkpointing.asynchronous and not replicas.elastic,
         model=learner.model,
         optimizer=learner.optimizer,
         **({"memory": learner.memory} if learner.memory is not None else {}),

@@ -252,7 +252,8 @@ print(cuda if b.get("is_cuda_build") else "CPU build")
 PY
 )"
 FAISS_BUILT="$("$VENV/bin/python" -c 'import faiss; print(faiss.__version__, "GPU build" if hasattr(faiss, "StandardGpuResources") else "CPU build")')"
-SUMMARY="TensorFlow $TF_VERSION ($TF_BUILD, $TF_PACKAGE); Horovod $HOROVOD_VERSION ($HOROVOD_BUILT); faiss $FAISS_BUILT"
+DOCS_BUILT="$("$VENV/bin/python" -c 'from importlib.metadata import version as v; print(v("mkdocs"), "(Material " + v("mkdocs-material") + ")")')"
+SUMMARY="TensorFlow $TF_VERSION ($TF_BUILD, $TF_PACKAGE); Horovod $HOROVOD_VERSION ($HOROVOD_BUILT); faiss $FAISS_BUILT; MkDocs $DOCS_BUILT"
 rm -f "$VENV"/.installed-*
 printf '%s\n' "$SUMMARY" > "$STAMP"
 log "installed: $SUMMARY"

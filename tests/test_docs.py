@@ -1,6 +1,7 @@
 """The documentation runs: every Python block of the README and docs/ is executed (a
 document's blocks in order, in one process, from a temporary folder), except a block
-marked `<!-- not run: why -->`, and the site builds with `mkdocs build --strict`."""
+marked `<!-- not run: why -->`. (`make test` builds the site with `mkdocs build --strict`
+before the tests.)"""
 
 import os
 import subprocess

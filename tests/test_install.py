@@ -126,7 +126,7 @@ def test_the_stamp_changes_with_the_tensorflow_package_and_gpu_operations(tmp_pa
     assert venv.strip().startswith("up to date (TensorFlow 2.21")
     assert "CPU build" in venv and "Horovod 0.28.1 (frameworks TensorFlow;" in venv
     assert "PyTorch" not in venv  # --check-build claims it; torch is not installed
-    assert venv.rstrip().endswith("faiss 1.15.1 CPU build)")
+    assert venv.rstrip().endswith("faiss 1.15.1 CPU build; MkDocs 1.6.1 (Material 9.8.2))")
     other_package = plan(tmp_path, TF_PACKAGE="tensorflow[and-cuda]==2.21.*")["venv"]
     other_operations = plan(tmp_path, HOROVOD_GPU_OPERATIONS="NCCL")["venv"]
     for venv in (other_package, other_operations):

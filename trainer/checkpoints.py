@@ -42,7 +42,7 @@ from tensorflow.python.checkpoint.checkpoint_management import update_checkpoint
 
 from data.errors import InputError
 from trainer.class_centres import centres_prefix
-from trainer.settings import check_types
+from trainer.settings import check, check_types
 
 TORN = "torn"  # where unreadable checkpoints are moved, inside the checkpoint directory
 
@@ -82,8 +82,7 @@ class CheckpointSettings:
 @gin.configurable("checkpoints")
 def checkpoint_settings(keep: int = 3, asynchronous: bool = True) -> CheckpointSettings:
     check_types("checkpoints", checkpoint_settings, dict(locals()))
-    if keep < 1:
-        raise InputError(f"checkpoints.keep must be >= 1, got {keep}.")
+    check(keep >= 1, f"checkpoints.keep must be >= 1, got {keep}.")
     return CheckpointSettings(keep, asynchronous)
 
 

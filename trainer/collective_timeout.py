@@ -38,7 +38,8 @@ def horovod_environment(timeout_seconds: float) -> dict[str, str]:
     own timeout, and the stall check (a warning, then shutdown), Horovod's documented
     way to end a wait on NCCL. The stall shutdown did not fire on Gloo here: a worker
     whose main thread hung while its Horovod thread lived was still waited on after
-    100 s at a 20 s timeout (tests/hung_worker; MultiWorkerMirrored ends that job)."""
+    100 s at a 20 s timeout; the heartbeat's watchdog ends that job instead
+    (trainer/heartbeat.py)."""
     seconds = max(1, round(timeout_seconds))
     return {
         "HOROVOD_GLOO_TIMEOUT_SECONDS": str(seconds),

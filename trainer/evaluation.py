@@ -33,7 +33,7 @@ import tensorflow as tf
 from data.errors import InputError
 from data.pipeline import eval_batches, listed
 from losses import pairwise_distances
-from trainer import verification
+from trainer import heartbeat, verification
 from trainer.neighbours import RECALL_OF_EXACT_AT, ApproximateIndex, SearchSettings, recall_of_exact
 from trainer.verification import IMPOSTOR_SAMPLE, verification_metrics  # noqa: F401  (public here)
 
@@ -151,6 +151,7 @@ class Ranking:
         with tf.device(device):
             keys, key_labels = self._on(device)
             for first in range(start, end, self.chunk):
+                heartbeat.progress()
                 last = min(first + self.chunk, end)
                 query_rows = self._query_rows(first, last)
                 query_labels, r = (
@@ -300,6 +301,7 @@ def embed_source(
             embeddings = np.empty((len(source), gathered.shape[1] - 1), np.float32)
         embeddings[start:end] = gathered[:, :-1]
         read[start:end] = gathered[:, -1] > 0.5
+        heartbeat.progress()  # long work, not a wait (the watchdog's clock)
         if progress is not None:
             progress(end)
     return embeddings, np.flatnonzero(~read)

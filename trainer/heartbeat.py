@@ -9,6 +9,14 @@ After a timeout the worker that noticed reads them: a worker whose file stopped 
 (stopped, swapping, its host gone), whose process on this host is gone, or that is
 behind the others' step is the one that did not answer. The workdir is on storage every
 node shares (checkpoints need it), so the files are seen from every host.
+
+The same thread is the job's watchdog where a backend has none: Horovod on Gloo waits for
+ever on a worker whose main thread hung while its Horovod thread lives (it goes on
+answering Horovod's negotiation, so neither Gloo's timeout nor the stall shutdown fires).
+A process whose main thread has waited on TensorFlow (its collectives, or reading their
+results) with no progress for longer than the timeout calls `on_stall`, which ends the
+job naming who did not answer. A process stuck in anything else is the stuck one, not a
+waiter: it says nothing, and the others name it.
 """
 
 from __future__ import annotations
@@ -30,13 +38,24 @@ def interval_for(timeout_seconds: float) -> float:
     return min(15.0, max(1.0, timeout_seconds / 10))
 
 
-class Heartbeat:
-    """Writes this worker's heartbeat file from a daemon thread until the process ends."""
+def stall_after(timeout_seconds: float) -> float:
+    """Seconds without progress before the watchdog acts: the timeout and a tenth more
+    (5 to 60 s), so that a backend's own timeout, which says more, fires first."""
+    return timeout_seconds + min(60.0, max(5.0, timeout_seconds / 10))
 
-    def __init__(self, workdir: str, rank: int, timeout_seconds: float):
+
+class Heartbeat:
+    """Writes this worker's heartbeat file from a daemon thread until the process ends,
+    and calls `on_stall` (once) if the main thread waits on TensorFlow with no progress
+    for `stall_after(timeout_seconds)` while the watch is on (see `at_step`)."""
+
+    def __init__(self, workdir: str, rank: int, timeout_seconds: float, on_stall=None):
         self.folder = os.path.join(workdir, FOLDER)
         self.rank = rank
         self.interval = interval_for(timeout_seconds)
+        self.stall_after = stall_after(timeout_seconds)
+        self.on_stall = on_stall
+        self.progress_at: float | None = None  # monotonic time of the last progress; None: off
         self.step = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -55,6 +74,9 @@ class Heartbeat:
         a silent worker was last heard at is the one it stopped in)."""
         written_step, written_at = self.step, time.monotonic()
         while not self._stop.wait(min(1.0, self.interval)):
+            if self._stalled():
+                self.on_stall()
+                return
             if self.step == written_step and time.monotonic() - written_at < self.interval:
                 continue
             written_step, written_at = self.step, time.monotonic()
@@ -62,6 +84,15 @@ class Heartbeat:
                 self._write()
             except OSError:
                 pass  # a full or unreachable disk: the job's own writes report it
+
+    def _stalled(self) -> bool:
+        progress_at = self.progress_at
+        return (
+            self.on_stall is not None
+            and progress_at is not None
+            and time.monotonic() - progress_at > self.stall_after
+            and main_thread_waits_on_tensorflow()
+        )
 
     def _write(self) -> None:
         path = os.path.join(self.folder, f"worker-{self.rank}.json")
@@ -82,9 +113,9 @@ class Heartbeat:
 _CURRENT: list[Heartbeat] = []  # this process's heartbeat, once the job has started one
 
 
-def start(workdir: str, rank: int, timeout_seconds: float) -> Heartbeat:
+def start(workdir: str, rank: int, timeout_seconds: float, on_stall=None) -> Heartbeat:
     stop()
-    _CURRENT.append(Heartbeat(workdir, rank, timeout_seconds).start())
+    _CURRENT.append(Heartbeat(workdir, rank, timeout_seconds, on_stall).start())
     return _CURRENT[0]
 
 
@@ -94,9 +125,25 @@ def stop() -> None:
 
 
 def at_step(step: int) -> None:
-    """Records the step this worker is at (written with its next heartbeat)."""
+    """Records the step this worker is at (written with its next heartbeat), and that it
+    made progress: the watchdog is on from the first step until `idle()`."""
     for heartbeat in _CURRENT:
         heartbeat.step = step
+        heartbeat.progress_at = time.monotonic()
+
+
+def progress() -> None:
+    """Records progress within a step (a chunk of a long evaluation), so that only a
+    wait, not long work, counts against the timeout."""
+    for heartbeat in _CURRENT:
+        if heartbeat.progress_at is not None:
+            heartbeat.progress_at = time.monotonic()
+
+
+def idle() -> None:
+    """Turns the watchdog off (the steps are over: the export is the chief's alone)."""
+    for heartbeat in _CURRENT:
+        heartbeat.progress_at = None
 
 
 def current_step() -> int | None:
@@ -171,6 +218,12 @@ def unanswering(
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _own(filename: str) -> bool:
+    """Whether `filename` is the project's own code (not a package installed in a venv
+    inside the checkout)."""
+    return filename.startswith(_PROJECT + os.sep) and "site-packages" not in filename
+
+
 def main_thread_doing() -> str:
     """Where this process's main thread is: its innermost frame, and the innermost one
     of the project's own code if that is another ("in sleep (hang.py:4) from
@@ -180,7 +233,7 @@ def main_thread_doing() -> str:
         return "main thread ended"
     innermost, own = frame, None  # walked without reading any source (once a second)
     while frame is not None and own is None:
-        if frame.f_code.co_filename.startswith(_PROJECT + os.sep):
+        if _own(frame.f_code.co_filename):
             own = frame
         frame = frame.f_back
     said = f"in {innermost.f_code.co_name} ({_place(innermost)})"
@@ -189,10 +242,26 @@ def main_thread_doing() -> str:
     return said
 
 
+_WAITING_IN = (os.sep + "tensorflow" + os.sep, os.sep + "horovod" + os.sep)
+
+
+def main_thread_waits_on_tensorflow() -> bool:
+    """Whether the main thread is in TensorFlow's or Horovod's code (running ops, reading
+    a result, in a collective), judged from its frames inside the project's own
+    innermost one. A hang elsewhere (a sleep, a file write in Python, a signal handler)
+    is this worker's own."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None and not _own(frame.f_code.co_filename):
+        if any(part in frame.f_code.co_filename for part in _WAITING_IN):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _place(frame) -> str:
     """file:line, the file relative to the project if it is the project's own."""
     filename = frame.f_code.co_filename
-    if filename.startswith(_PROJECT + os.sep):
+    if _own(filename):
         filename = os.path.relpath(filename, _PROJECT)
     else:
         filename = os.path.basename(filename)

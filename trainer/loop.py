@@ -383,6 +383,7 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
     if next(batches, None) is not None:  # also where the pipeline checks its own count
         raise RuntimeError(f"the input pipeline gave more batches than the steps to {last_step}")
     if last_step < steps:
+        heartbeat.idle()
         say(
             f"stopped at step {last_step} of {steps} (train.stop_after_steps="
             f"{c.stop_after_steps}); run the same command to continue"
@@ -395,6 +396,7 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
     centres = None
     if learner.centres is not None and out.export_model:
         centres = learner.centres.gathered()["centres"]  # from every process
+    heartbeat.idle()  # the last collective is over (the export is the chief's alone)
     if job.replicas.is_chief:
         write_results(out, learner.model, embeddings, data, results, centres)
     say(final_summary(out, results, time.time() - job.started))

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -85,7 +86,12 @@ def run(argv) -> int:
     workdir = os.path.abspath(FLAGS.workdir or agreed_default_workdir(replicas))
     JOB.update(workdir=workdir, replicas=replicas)
     if replicas.processes > 1 and not replicas.elastic:  # (an elastic job's ranks change)
-        heartbeat.start(workdir, replicas.rank, replicas.timeout_seconds)
+        heartbeat.start(
+            workdir,
+            replicas.rank,
+            replicas.timeout_seconds,
+            on_stall=lambda: end_timed_out(replicas, workdir, from_watchdog=True),
+        )
     if replicas.is_chief:
         print(f"workdir: {workdir}", flush=True)
     try:
@@ -126,11 +132,28 @@ def main(argv) -> None:
             and not replicas.elastic  # (its own failures are Horovod's to handle)
             and collective_timeout.collective_failed(error)
         ):
-            report(TimeoutError(timed_out_message(replicas, workdir)))
-            sys.exit(collective_timeout.EXIT_STATUS)
+            end_timed_out(replicas, workdir)
         # A crash: its cause in one line first, then the traceback.
         report(error, f"{type(error).__name__}: ", limit=500)
         raise
+
+
+_TIMED_OUT = threading.Lock()  # held by whichever of the watchdog or the main thread reports
+
+
+def end_timed_out(replicas, workdir: str, from_watchdog: bool = False) -> None:
+    """Ends the job after a collective waited past the timeout: one line, exit status 5.
+
+    From the watchdog (trainer/heartbeat.py), the main thread is blocked in the wait: the
+    process ends at once, as it must (what is complete is on disk; the checkpoint that
+    a write was making is not counted, see trainer/checkpoints.py).
+    """
+    if not _TIMED_OUT.acquire(blocking=False):
+        threading.Event().wait()  # the other one reports and ends the process
+    report(TimeoutError(timed_out_message(replicas, workdir)))
+    if from_watchdog:
+        os._exit(collective_timeout.EXIT_STATUS)
+    sys.exit(collective_timeout.EXIT_STATUS)
 
 
 def timed_out_message(replicas, workdir: str) -> str:

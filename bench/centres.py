@@ -4,7 +4,7 @@
                           [--time-classes 100000] [--steps 10] [--save-rounds 2]
 
 Memory: each of N Horovod processes builds a proxy loss's centres with their Adam slots
-(`trainer.class_centres.ShardedCentres`, ArcFace) for C classes of width D, and reports
+(`trainer.step.class_centres.ShardedCentres`, ArcFace) for C classes of width D, and reports
 their bytes and its resident-memory growth; both must fall as 1/N.
 
 Saving (--save-rounds > 0): each worker count saves its centres and slots into a
@@ -40,7 +40,7 @@ def gathered_save(centres, directory: str, step: int) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from trainer.class_centres import centres_prefix
+    from trainer.step.class_centres import centres_prefix
 
     full = centres.gathered()
     if centres.replicas.is_chief:
@@ -112,8 +112,8 @@ def worker(classes: int, dim: int, steps: int, timed: bool, save_rounds: int = 0
     import tensorflow as tf
 
     import losses
-    from trainer.class_centres import ShardedCentres
-    from trainer.replicas import Replicas, make_replicas
+    from trainer.backends.replicas import Replicas, make_replicas
+    from trainer.step.class_centres import ShardedCentres
 
     replicas = make_replicas("horovod")
     before = rss_bytes()

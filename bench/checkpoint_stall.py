@@ -6,7 +6,7 @@ asynchronous (`checkpoints.asynchronous`).
 
 One process holds ArcFace's centres with their Adam slots (1M × 128: 1.5 GiB) and runs
 the centre part of a step (bench.centres.centre_step, Partial FC at --sample-rate, global
-batch 512). A checkpoint (`trainer.checkpoints.Checkpoints`, the job's own, with a small
+batch 512). A checkpoint (`trainer.outputs.checkpoints.Checkpoints`, the job's own, with a small
 model variable beside the centres) is saved after step `steps // 2`, into a temporary
 folder on this machine's disk, in alternating rounds of each mode. Reported per mode,
 medians over rounds:
@@ -39,9 +39,9 @@ def child(mode: str, classes: int, dim: int, steps: int, sample_rate: float) -> 
 
     import losses
     from bench.centres import centre_step
-    from trainer.checkpoints import Checkpoints
-    from trainer.class_centres import ShardedCentres
-    from trainer.replicas import Replicas
+    from trainer.backends.replicas import Replicas
+    from trainer.outputs.checkpoints import Checkpoints
+    from trainer.step.class_centres import ShardedCentres
 
     replicas = Replicas()
     loss = losses.ArcFaceLoss(num_classes=classes, sample_rate=sample_rate)

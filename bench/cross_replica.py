@@ -31,9 +31,9 @@ def measure(replicas_count: int, steps: int, batch: int) -> dict:
     import losses
     from data.sampler import PKSampler
     from data.sources import digits
+    from trainer.backends.replicas import make_replicas
     from trainer.model import digits_convnet
-    from trainer.replicas import make_replicas
-    from trainer.train_step import TrainStep
+    from trainer.step.train_step import TrainStep
 
     replicas = make_replicas("mirrored", cpu_replicas=replicas_count)
     source = digits(classes=(0, 6))

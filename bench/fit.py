@@ -6,7 +6,7 @@ same loss mined per replica, in one run.
 For each replica count, a fresh process builds a MirroredStrategy on logical CPUs, once
 with the cross-device ops it picks itself (as a user's `MirroredStrategy()` would; on
 CPUs, CollectiveAllReduce, which then carries both models' gradient all-reduce, while
-the global model's gather and statistics add on one device: see trainer/replicas.py)
+the global model's gather and statistics add on one device: see trainer/backends/replicas.py)
 and once reducing everything on one device (what the trainer uses for logical CPUs),
 then the default job's digits model twice, and
 compiles one as a GlobalMiningModel and one as a plain Keras model with the same loss
@@ -41,9 +41,9 @@ def measure(replicas_count: int, steps: int, batch: int, ops: str) -> dict:
     import losses
     from data.sampler import PKSampler
     from data.sources import digits
+    from trainer.backends.replicas import configure_cpu_replicas
     from trainer.fit import GlobalMiningModel
     from trainer.model import digits_convnet
-    from trainer.replicas import configure_cpu_replicas
 
     class StepTimer(keras.callbacks.Callback):
         """Seconds of each step, from its batch's begin to its end: fit's set-up is left out."""

@@ -44,9 +44,9 @@ def child(batch: int, chunk: int | None, steps: int, budget_mb: int) -> dict:
     import keras
 
     import losses
+    from trainer.backends.replicas import make_replicas
     from trainer.model import small_convnet
-    from trainer.replicas import make_replicas
-    from trainer.train_step import TrainStep
+    from trainer.step.train_step import TrainStep
 
     keras.utils.set_random_seed(0)
     replicas = make_replicas("single")
@@ -74,7 +74,7 @@ def child(batch: int, chunk: int | None, steps: int, budget_mb: int) -> dict:
 
 def mining_child(loss_name: str, keys: int, budget_mb: int, replica_count: int) -> dict:
     """Runs in its own process: one global-batch mining step on logical CPUs."""
-    from trainer.replicas import configure_cpu_replicas
+    from trainer.backends.replicas import configure_cpu_replicas
 
     if replica_count > 1:
         configure_cpu_replicas(replica_count)
@@ -83,8 +83,8 @@ def mining_child(loss_name: str, keys: int, budget_mb: int, replica_count: int) 
     import losses
     from losses.distances import pairwise_distances
     from losses.tiles import tile_rows
-    from trainer.global_loss import loss_and_gradients
-    from trainer.replicas import make_replicas
+    from trainer.backends.replicas import make_replicas
+    from trainer.step.global_loss import loss_and_gradients
 
     replicas = (
         make_replicas("mirrored", cpu_replicas=replica_count)

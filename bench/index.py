@@ -3,9 +3,9 @@
   python -m bench.index [--rows 1000000] [--dim 128] [--queries 200] [--k 10]
                         [--kinds exact ivf hnsw]
 
-For each kind, a child process builds the index (`trainer.neighbours.ApproximateIndex`,
+For each kind, a child process builds the index (`trainer.retrieval.neighbours.ApproximateIndex`,
 the evaluation's settings) over --rows unit vectors of --dim in 1,000 clusters and
-writes the folder (`trainer.index_folder.write`, in a temporary folder), reporting the
+writes the folder (`trainer.retrieval.index_folder.write`, in a temporary folder), reporting the
 time of each and how far its resident memory rose during the build, above the embeddings
 it was given (sampled every 5 ms). Then --queries queries, one at a time (as
 `trainer.search` of one image), are timed against the baseline in the same process:
@@ -40,8 +40,8 @@ def synthetic(rows: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def child(kind: str, rows: int, dim: int, queries: int, k: int) -> dict:
-    from trainer import index_folder
-    from trainer.neighbours import ApproximateIndex, SearchSettings
+    from trainer.retrieval import index_folder
+    from trainer.retrieval.neighbours import ApproximateIndex, SearchSettings
 
     x = synthetic(rows, dim)
     q = synthetic(queries, dim, seed=1)

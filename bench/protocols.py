@@ -102,7 +102,7 @@ def bench_search(gallery_size: int, queries: int, latent: int | None) -> None:
 
     from losses import pairwise_distances
     from trainer.evaluation import MAX_DISTANCES_PER_CHUNK
-    from trainer.neighbours import ApproximateIndex, SearchSettings, recall_of_exact
+    from trainer.retrieval.neighbours import ApproximateIndex, SearchSettings, recall_of_exact
 
     x, _ = clustered(
         gallery_size + queries, max(1, (gallery_size + queries) // 10), seed=1, latent=latent

@@ -107,8 +107,8 @@ def pixels_row(evaluation) -> dict:
 def job_row(model, training, evaluation, steps, **settings) -> dict:
     """Trains with the job on one device; its last evaluation and mean cosines."""
     from tests.jobs import scalars
+    from trainer.backends.replicas import Replicas
     from trainer.loop import train
-    from trainer.replicas import Replicas
 
     began = time.time()
     gin.bind_parameter("optimizer.learning_rate", 1e-3)  # the parts read their own settings

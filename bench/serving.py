@@ -5,7 +5,7 @@ inside the graph) against the job's own evaluation pipeline over the same files
   python -m bench.serving [--images 512] [--size 128] [--batch 64] [--rounds 3]
 
 Synthetic 500×375 JPEGs (bench.pipeline's) in a temporary folder; an untrained
-`small_convnet` at --size exported by `trainer.export.saved_model`. Each round times
+`small_convnet` at --size exported by `trainer.outputs.export.saved_model`. Each round times
 both ways over every image, in alternating order; reported: images/s of each (medians)
 and the ratio serving_default / pipeline per round (median, lowest, highest).
 """
@@ -25,8 +25,8 @@ import tensorflow as tf  # noqa: E402
 from bench.pipeline import write_data  # noqa: E402
 from data.pipeline import ImagePreprocessing, eval_batches  # noqa: E402
 from data.sources import image_folder  # noqa: E402
-from trainer.export import saved_model  # noqa: E402
 from trainer.model import small_convnet  # noqa: E402
+from trainer.outputs.export import saved_model  # noqa: E402
 
 
 def main() -> None:

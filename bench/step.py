@@ -41,11 +41,11 @@ import losses  # noqa: E402
 from data.sampler import PKSampler  # noqa: E402
 from data.sources import digits  # noqa: E402
 from tests.jobs import scalars  # noqa: E402
-from trainer.learner import learning_rate_schedule  # noqa: E402
+from trainer.backends.replicas import Replicas  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.model import digits_convnet  # noqa: E402
-from trainer.replicas import Replicas  # noqa: E402
-from trainer.train_step import model_forward  # noqa: E402
+from trainer.step.learner import learning_rate_schedule  # noqa: E402
+from trainer.step.train_step import model_forward  # noqa: E402
 
 BATCH, PER_CLASS = 96, 16
 

@@ -19,7 +19,7 @@ import tempfile
 import tensorflow as tf
 
 from tests.jobs import HOROVOD_2, multi_worker_2, stop_rank_1
-from trainer.collective_timeout import EXIT_STATUS
+from trainer.backends.collective_timeout import EXIT_STATUS
 
 JOB = (
     "train.steps=100000",

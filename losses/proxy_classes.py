@@ -4,7 +4,7 @@ Keras trains only the model's variables, so in plain `model.fit` the centres mus
 tracked by the model: `loss.attach(model)` creates them (the width from the model's
 output) and hangs them on the model, then `model.compile(loss=loss)` and `fit` train
 both. The trainer does not use `self.centres`: it shards its own copy over the replicas
-and calls `block` (see trainer/class_centres.py). `sample_rate` < 1 (Partial FC) applies
+and calls `block` (see trainer/step/class_centres.py). `sample_rate` < 1 (Partial FC) applies
 in the trainer, where the step is known; a plain `model.fit` uses every centre.
 """
 

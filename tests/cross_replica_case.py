@@ -11,9 +11,9 @@ import numpy as np
 import tensorflow as tf
 
 import losses
-from trainer.global_loss import loss_and_gradients
-from trainer.grad_cache import embedding_pass
-from trainer.replicas import make_replicas
+from trainer.backends.replicas import make_replicas
+from trainer.step.global_loss import loss_and_gradients
+from trainer.step.grad_cache import embedding_pass
 
 
 @functools.cache

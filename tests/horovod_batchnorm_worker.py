@@ -7,9 +7,9 @@ import sys
 import numpy as np
 
 from tests.test_batchnorm import batches, bn_model
-from trainer.batchnorm import BatchNormStatistics
+from trainer.backends.replicas import make_replicas
 from trainer.model import batchnorm_layers
-from trainer.replicas import make_replicas
+from trainer.step.batchnorm import BatchNormStatistics
 
 replicas = make_replicas("horovod")
 model = bn_model()

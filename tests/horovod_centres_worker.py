@@ -1,5 +1,5 @@
 """Run under horovodrun -np N: sharded ArcFace centres saved or restored by the workers
-themselves (trainer.class_centres), for tests/test_sharded_centres.py.
+themselves (trainer.step.class_centres), for tests/test_sharded_centres.py.
 
   save DIR STEP     every replica's rows of `whole()` (below) and its Adam slots, saved
                     at STEP; the test fails if anything is gathered across processes.
@@ -13,8 +13,8 @@ import sys
 import numpy as np
 
 import losses
-from trainer.class_centres import ShardedCentres
-from trainer.replicas import make_replicas
+from trainer.backends.replicas import make_replicas
+from trainer.step.class_centres import ShardedCentres
 
 CLASSES, DIM, ITERATIONS = 11, 6, 17  # 11 classes: uneven shards on 2 and 4 workers
 

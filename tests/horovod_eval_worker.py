@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 
+from trainer.backends.replicas import make_replicas
 from trainer.evaluation import sharded_retrieval_metrics
-from trainer.replicas import make_replicas
 
 
 def main(folder):

@@ -7,8 +7,8 @@ import numpy as np
 import losses
 from tests.cross_replica_case import global_batch
 from tests.test_numerics import gated_model
-from trainer.replicas import make_replicas
-from trainer.train_step import TrainStep
+from trainer.backends.replicas import make_replicas
+from trainer.step.train_step import TrainStep
 
 replicas = make_replicas("horovod")
 x, labels = global_batch()

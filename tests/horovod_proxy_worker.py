@@ -10,8 +10,8 @@ import numpy as np
 import losses
 from tests.fit_case import GLOBAL_BATCH, batches, embedding_net, worker_slice
 from tests.proxy_case import train
+from trainer.backends.replicas import make_replicas
 from trainer.fit import GlobalMiningModel
-from trainer.replicas import make_replicas
 
 replicas = make_replicas("horovod")
 results = {}

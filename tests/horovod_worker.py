@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from tests.cross_replica_case import LOSSES, build_model, global_batch, replicated_step, row_modes
-from trainer.replicas import make_replicas
+from trainer.backends.replicas import make_replicas
 
 
 def main(out, names=None, chunk=None):

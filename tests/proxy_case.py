@@ -6,9 +6,9 @@ import numpy as np
 
 import losses
 from tests.cross_replica_case import build_model, global_batch
-from trainer.class_centres import ShardedCentres
-from trainer.replicas import Replicas
-from trainer.train_step import TrainStep
+from trainer.backends.replicas import Replicas
+from trainer.step.class_centres import ShardedCentres
+from trainer.step.train_step import TrainStep
 
 CLASSES, STEPS = 7, 3
 LOSSES = {

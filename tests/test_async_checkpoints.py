@@ -13,9 +13,9 @@ import tensorflow as tf
 
 from tests.jobs import ROOT, logged_steps, run_job, scalars, start_job, wait_for
 from tests.proxy_case import CLASSES, LOSSES, PROXY_JOB
-from trainer.checkpoints import Checkpoints
-from trainer.class_centres import ShardedCentres
-from trainer.replicas import Replicas
+from trainer.backends.replicas import Replicas
+from trainer.outputs.checkpoints import Checkpoints
+from trainer.step.class_centres import ShardedCentres
 
 
 def centres() -> ShardedCentres:
@@ -132,7 +132,7 @@ def test_the_job_goes_on_while_centres_are_written_and_a_kill_then_resumes_from_
 
 def test_a_wrong_value_of_the_setting_is_named():
     from data.errors import InputError
-    from trainer.checkpoints import CheckpointSettings, checkpoint_settings
+    from trainer.outputs.checkpoints import CheckpointSettings, checkpoint_settings
 
     assert checkpoint_settings() == CheckpointSettings(keep=3, asynchronous=True)
     assert checkpoint_settings(asynchronous=False).asynchronous is False

@@ -1,4 +1,4 @@
-"""Precise BatchNorm (trainer/batchnorm.py): population statistics recomputed over
+"""Precise BatchNorm (trainer/step/batchnorm.py): population statistics recomputed over
 training batches, exactly as the definition says and the same for any replica count;
 the mean pairwise cosine; the BatchNorm modes of backbone_embedding."""
 
@@ -12,10 +12,10 @@ import tensorflow as tf
 from data.errors import InputError
 from tests.cross_replica_case import mirrored
 from tests.jobs import run_horovod_2
-from trainer.batchnorm import BatchNormStatistics
+from trainer.backends.replicas import Replicas
 from trainer.evaluation import mean_cosine
 from trainer.model import backbone_embedding, batchnorm_layers
-from trainer.replicas import Replicas
+from trainer.step.batchnorm import BatchNormStatistics
 
 
 def bn_model(seed=0):

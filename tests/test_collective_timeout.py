@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from data.errors import InputError
 from tests.jobs import HOROVOD_2, multi_worker_2, run_job, scalars, stop_rank_1
-from trainer import collective_timeout, heartbeat
+from trainer.backends import collective_timeout, heartbeat
 
 PAUSE_SECONDS = 45  # longer than Gloo's 30 s and than TensorFlow's 10 s heartbeat default
 SHORT_TIMEOUT = 20

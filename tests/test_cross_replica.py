@@ -20,8 +20,8 @@ from tests.cross_replica_case import (
     row_modes,
     single_device_step,
 )
-from trainer.global_loss import loss_and_gradients
-from trainer.replicas import MirroredReplicas, make_replicas, slice_bounds
+from trainer.backends.replicas import MirroredReplicas, make_replicas, slice_bounds
+from trainer.step.global_loss import loss_and_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5

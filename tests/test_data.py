@@ -13,7 +13,7 @@ from data.records import encode_example
 from data.sampler import PKSampler
 from data.sources import digits, image_folder, list_file, tfrecord
 from tests.jobs import ROOT
-from trainer.replicas import slice_bounds
+from trainer.backends.replicas import slice_bounds
 
 
 def test_sampler_batch_depends_on_seed_and_step_only():

@@ -269,7 +269,7 @@ def test_a_commit_that_a_peer_never_reaches_saves_nothing():
     record died, unflushed, with the chief. The state must stay at the last commit."""
     from horovod.common.exceptions import HorovodInternalError
 
-    from trainer.elastic import TrainingState
+    from trainer.backends.elastic import TrainingState
 
     variable = tf.Variable([1.0, 2.0])
     state = TrainingState(_PeerDiesAtCommit(), [variable], step=120)

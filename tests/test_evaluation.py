@@ -7,8 +7,8 @@ import pytest
 from data.sources import digits
 from tests.cross_replica_case import mirrored
 from tests.reference import average_precision_at_r
+from trainer.backends.replicas import Replicas
 from trainer.evaluation import embed_source, embedding_function, eval_chunks, retrieval_metrics
-from trainer.replicas import Replicas
 
 
 def reference_metrics(embeddings, labels, ks, distance="cosine"):

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tests.jobs import run_job, scalars
-from trainer import disk_space
+from trainer.outputs import disk_space
 
 JOB = (
     "distribute.strategy='single'",

@@ -1,4 +1,4 @@
-"""Cached-gradient chunking (train.embedding_chunk_size, trainer/grad_cache.py): a step that
+"""Cached-gradient chunking (train.embedding_chunk_size, trainer/step/grad_cache.py): a step that
 embeds its slice chunk by chunk, twice, equals the step that embeds it whole."""
 
 import os
@@ -25,12 +25,12 @@ from tests.cross_replica_case import (
 from tests.fit_case import fitted, mirrored_strategy, relative_difference
 from tests.jobs import HOROVOD_2, SHORT_JOB, run_job, series
 from tests.test_cross_replica import assert_same_step
+from trainer.backends.replicas import make_replicas
 from trainer.fit import GlobalMiningModel
-from trainer.global_loss import loss_and_gradients
-from trainer.grad_cache import ChunkedEmbeddingPass
-from trainer.key_memory import KeyMemory
-from trainer.replicas import make_replicas
-from trainer.train_step import TrainStep
+from trainer.step.global_loss import loss_and_gradients
+from trainer.step.grad_cache import ChunkedEmbeddingPass
+from trainer.step.key_memory import KeyMemory
+from trainer.step.train_step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -308,7 +308,7 @@ def test_a_job_with_a_chunk_size_it_cannot_use_exits_2_naming_it(tmp_path, bindi
 
 
 def test_the_job_says_once_that_batchnorm_statistics_are_per_chunk():
-    from trainer.learner import _check_chunkable
+    from trainer.step.learner import _check_chunkable
 
     model = keras.Sequential(
         [keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization()]

@@ -11,7 +11,7 @@ import pytest
 
 from tests.jobs import ROOT, job_env, run_horovod_2
 from tests.test_serving import image_job, job_params  # noqa: F401  (the fixture)
-from trainer.calibration import calibrate, distances_of_pairs
+from trainer.retrieval.calibration import calibrate, distances_of_pairs
 
 
 def run(module, *args):
@@ -83,8 +83,8 @@ def test_bad_input_exits_2_naming_it_and_writes_nothing(built, tmp_path):
     junk = run("trainer.search", str(output), str(tmp_path / "junk.jpg"))
     assert junk.returncode == 2 and "junk.jpg' is not a JPEG, PNG" in junk.stderr
     # A SavedModel of another embedding width.
-    from trainer import export
     from trainer.model import small_convnet
+    from trainer.outputs import export
 
     other = export.saved_model(small_convnet(image_size=32, embedding_dim=8), str(tmp_path / "m"))
     wider = run("trainer.search", str(output), image, f"--saved_model={other}")
@@ -112,7 +112,7 @@ def test_the_kind_of_index_follows_the_config_s_evaluation_search(built, tmp_pat
 
 
 def _vectors(folder):
-    from trainer.index_folder import IndexFolder
+    from trainer.retrieval.index_folder import IndexFolder
 
     read = IndexFolder(str(folder))
     return read.index.reconstruct_n(0, read.index.ntotal), read

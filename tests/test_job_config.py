@@ -122,11 +122,11 @@ def test_a_moved_binding_says_where_it_went():
 
 def test_each_part_reads_its_own_configurable():
     import trainer.config  # noqa: F401
-    from trainer.checkpoints import checkpoint_settings
-    from trainer.export import export_settings
     from trainer.job_config import parse_config
-    from trainer.learner import optimizer_settings, precision_policy
     from trainer.model import batchnorm_settings
+    from trainer.outputs.checkpoints import checkpoint_settings
+    from trainer.outputs.export import export_settings
+    from trainer.step.learner import optimizer_settings, precision_policy
 
     gin.clear_config()
     parse_config(

@@ -11,7 +11,7 @@ import tensorflow as tf
 import losses
 from data.errors import InputError
 from tests.cross_replica_case import global_batch, mirrored
-from trainer.global_loss import loss_and_gradients
+from trainer.backends.replicas import Replicas
 from trainer.model import (
     backbone_embedding,
     digits_convnet,
@@ -19,7 +19,7 @@ from trainer.model import (
     small_convnet,
     sync_batchnorm,
 )
-from trainer.replicas import Replicas
+from trainer.step.global_loss import loss_and_gradients
 
 
 def test_digits_convnet_gives_unit_embeddings():
@@ -136,7 +136,7 @@ def test_synchronized_batchnorm_makes_replicas_equal_one_device(synchronized):
 
 
 def test_mixed_bfloat16_trains_with_float32_loss_and_weights():
-    from trainer.train_step import TrainStep
+    from trainer.step.train_step import TrainStep
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
@@ -189,8 +189,8 @@ def test_the_export_is_checked_against_the_evaluated_embeddings(tmp_path):
 
     from data.pipeline import eval_batches
     from data.sources import digits
-    from trainer import export
-    from trainer.outputs import ExportMismatch, check_export
+    from trainer.outputs import export
+    from trainer.outputs.job_outputs import ExportMismatch, check_export
 
     data = types.SimpleNamespace(eval_source=digits(classes=(6, 10)), eval_preprocessing=None)
     model = digits_convnet(width=8)

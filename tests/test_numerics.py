@@ -13,9 +13,9 @@ from data.sampler import PKSampler
 from data.sources import Source, digits
 from tests.cross_replica_case import global_batch, mirrored
 from tests.jobs import gin_bound, run_horovod_2, scalars
+from trainer.backends.replicas import Replicas
 from trainer.loop import NumericalError, train
-from trainer.replicas import Replicas
-from trainer.train_step import TrainStep
+from trainer.step.train_step import TrainStep
 
 
 def poisoned_digits():
@@ -195,7 +195,7 @@ def test_skip_mode_recovers_after_a_long_run_of_bad_steps(precision, count):
     every later step skipped.) float32 skips by the global verdict, with no scale;
     mixed_float16 keeps Keras' dynamic scale, floored at 1."""
     from tests.cross_replica_case import build_model
-    from trainer.learner import OptimizerSettings, build_learner
+    from trainer.step.learner import OptimizerSettings, build_learner
 
     replicas = Replicas() if count == 1 else mirrored(count)
     learner = build_learner(

@@ -1,4 +1,4 @@
-"""GPU placement (trainer/placement.py) over injected device lists: what each process
+"""GPU placement (trainer/backends/placement.py) over injected device lists: what each process
 makes visible to TensorFlow. No GPU has run this here; the logic is the function the
 trainer, `GlobalMiningModel` and the doctor call, with `tf.config` replaced by a
 recorder."""
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from trainer import placement
-from trainer.placement import PlacementError, choose_gpus, place, place_worker
+from trainer.backends import placement
+from trainer.backends.placement import PlacementError, choose_gpus, place, place_worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,7 @@ def test_the_trainer_and_fit_place_workers_through_this_module():
     code = (
         "import os; os.environ.update(HOROVOD_RANK='0', HOROVOD_LOCAL_RANK='0', "
         "HOROVOD_LOCAL_SIZE='1')\n"
-        "import trainer.placement as p\n"
+        "import trainer.backends.placement as p\n"
         "calls = []\n"
         "original = p.place\n"
         "p.place = lambda *a, **k: calls.append((a, k)) or original(*a, **k)\n"

@@ -8,7 +8,6 @@ import pytest
 from tests.cross_replica_case import mirrored
 from tests.test_evaluation import reference_metrics
 from tests.test_scale import clustered
-from trainer import verification
 from trainer.evaluation import (
     Ranking,
     query_gallery_metrics,
@@ -16,7 +15,8 @@ from trainer.evaluation import (
     sharded_metrics,
     verification_metrics,
 )
-from trainer.neighbours import ApproximateIndex, SearchSettings
+from trainer.retrieval import verification
+from trainer.retrieval.neighbours import ApproximateIndex, SearchSettings
 
 
 def reference_query_gallery(queries, query_labels, gallery, gallery_labels, ks, distance):

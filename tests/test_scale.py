@@ -307,7 +307,7 @@ def test_a_tfrecord_job_gives_the_same_losses_on_every_backend(tmp_path):
 
 def test_the_projector_export_keeps_an_even_sample_of_a_large_eval_set(tmp_path):
     from data.sources import Source
-    from trainer.export import projector
+    from trainer.outputs.export import projector
 
     labels = np.arange(25, dtype=np.int32) % 5
     source = Source("s", np.zeros(25), labels, "pixels", tuple("abcde"))

@@ -125,9 +125,9 @@ def test_an_export_whose_pre_processing_differs_from_the_evaluation_fails_its_ch
     check names `serving_default` (the skew users would otherwise meet in production)."""
     import types
 
-    from trainer import export
     from trainer.model import small_convnet
-    from trainer.outputs import ExportMismatch, check_export
+    from trainer.outputs import export
+    from trainer.outputs.job_outputs import ExportMismatch, check_export
 
     root, _ = image_job
     evaluating = ImagePreprocessing(size=32)

@@ -14,7 +14,7 @@ from losses import proxies
 from tests.cross_replica_case import mirrored
 from tests.jobs import run_horovod_2, run_job, scalars
 from tests.proxy_case import CLASSES, LOSSES, PROXY_JOB, train
-from trainer.replicas import Replicas
+from trainer.backends.replicas import Replicas
 
 FUNCTIONS = {
     "proxy_nca": (losses.proxy_nca_loss, {"softmax_scale": 4.0}),
@@ -358,7 +358,7 @@ def test_the_centres_learn_at_their_own_rate(tmp_path):
 def test_saved_shards_are_read_back_exactly_on_any_replica_count(tmp_path):
     """Trained on one device and saved; read back and saved again by 3 replicas, then
     read by 2: the same centres, Adam slots and step count, bit for bit."""
-    from trainer.class_centres import ShardedCentres
+    from trainer.step.class_centres import ShardedCentres
 
     def centres_on(replicas):
         loss = LOSSES["subcenter_arcface"](seed=3)

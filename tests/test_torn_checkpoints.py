@@ -10,8 +10,8 @@ import tensorflow as tf
 from data import cached_work
 from data.errors import InputError
 from tests.jobs import run_job, scalars
-from trainer.checkpoints import TORN, Checkpoints, unreadable
-from trainer.replicas import make_replicas
+from trainer.backends.replicas import make_replicas
+from trainer.outputs.checkpoints import TORN, Checkpoints, unreadable
 
 
 def _truncate(prefix):

@@ -9,10 +9,10 @@ import tensorflow as tf
 
 import losses
 from tests.cross_replica_case import build_model, global_batch, mirrored
+from trainer.backends.replicas import Replicas
 from trainer.fit import GlobalMiningModel
 from trainer.loop import train
-from trainer.replicas import Replicas
-from trainer.train_step import TrainStep, model_forward
+from trainer.step.train_step import TrainStep, model_forward
 
 
 def run_steps(replicas, jit, steps=3):

@@ -8,11 +8,11 @@ import gin
 
 import data.pipeline  # noqa: F401  (images.*, pixels.*)
 import data.sources  # noqa: F401  (digits, image_folder, tfrecord)
+import trainer.backends.replicas  # noqa: F401  (distribute.*)
 import trainer.evaluation  # noqa: F401  (evaluation.*)
-import trainer.learner  # noqa: F401  (learning_rate_schedule.*)
 import trainer.loop  # noqa: F401  (train.*)
 import trainer.model  # noqa: F401  (digits_convnet, small_convnet, backbone_embedding)
-import trainer.replicas  # noqa: F401  (distribute.*)
+import trainer.step.learner  # noqa: F401  (learning_rate_schedule.*)
 from losses import LOSS_CLASSES
 
 for _loss in LOSS_CLASSES:

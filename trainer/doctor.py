@@ -30,9 +30,9 @@ from absl import app, flags, logging  # noqa: E402
 
 import losses  # noqa: E402
 from data.errors import InputError  # noqa: E402
-from trainer.global_loss import loss_and_gradients  # noqa: E402
-from trainer.placement import cpu_only_warning, nvidia_smi_gpus  # noqa: E402
-from trainer.replicas import make_replicas  # noqa: E402
+from trainer.backends.placement import cpu_only_warning, nvidia_smi_gpus  # noqa: E402
+from trainer.backends.replicas import make_replicas  # noqa: E402
+from trainer.step.global_loss import loss_and_gradients  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_param", [], "distribute.* bindings, e.g. distribute.cpu_replicas=2.")

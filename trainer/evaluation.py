@@ -7,7 +7,7 @@
   query whose class is not in the gallery has nothing to find: it is left out of both
   figures, and counted.
 - Verification (faces): TAR@FAR, ROC AUC, EER and 10-fold accuracy on pairs
-  (trainer/verification.py), with `evaluation.verification` or `evaluation.pairs`.
+  (trainer/retrieval/verification.py), with `evaluation.verification` or `evaluation.pairs`.
 
 Recall@k: the share of queries with at least one same-class key among their k nearest.
 MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020): with R the number of
@@ -33,9 +33,15 @@ import tensorflow as tf
 from data.errors import InputError
 from data.pipeline import eval_batches, listed
 from losses import pairwise_distances
-from trainer import heartbeat, verification
-from trainer.neighbours import RECALL_OF_EXACT_AT, ApproximateIndex, SearchSettings, recall_of_exact
-from trainer.verification import IMPOSTOR_SAMPLE, verification_metrics  # noqa: F401  (public here)
+from trainer.backends import heartbeat
+from trainer.retrieval import verification
+from trainer.retrieval.neighbours import (
+    RECALL_OF_EXACT_AT,
+    ApproximateIndex,
+    SearchSettings,
+    recall_of_exact,
+)
+from trainer.retrieval.verification import IMPOSTOR_SAMPLE, verification_metrics  # noqa: F401  (public here)
 
 # Distances held at once per device: chunk rows × N keys (2^25 float32 = 128 MB).
 MAX_DISTANCES_PER_CHUNK = 1 << 25

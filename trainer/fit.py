@@ -1,7 +1,7 @@
 """Global-batch mining in plain Keras `model.fit`.
 
 `GlobalMiningModel(embedding_model)` wraps any embedding model. Its training step is the
-trainer's own (`trainer.train_step.replica_step` over `trainer/global_loss.py`): each
+trainer's own (`trainer.step.train_step.replica_step` over `trainer/step/global_loss.py`): each
 replica mines its anchors against the embeddings gathered from every replica, with the
 global normalizer and exact gradients. The backend comes from the context the model is
 built in: the tf.distribute strategy whose scope is open (MirroredStrategy,
@@ -14,7 +14,7 @@ worker feeds its own contiguous slice of every global batch), else one device.
     model.fit(dataset, epochs=10)
 
 Under horovodrun, importing this module puts each worker on the GPU of its local rank
-(`trainer.placement.place_worker`), so import it before building the model.
+(`trainer.backends.placement.place_worker`), so import it before building the model.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.class_centres import centres_for_optimizer
-from trainer.global_loss import loss_and_statistics
-from trainer.grad_cache import check_chunk_size
+from trainer.backends.placement import place_worker
+from trainer.backends.replicas import HorovodReplicas, from_context, launched_by_horovodrun
 from trainer.model import batchnorm_layers
-from trainer.placement import place_worker
-from trainer.proxy_loss import proxy_loss_and_statistics
-from trainer.replicas import HorovodReplicas, from_context, launched_by_horovodrun
-from trainer.train_step import METRICS, metrics_vector, model_forward, replica_step
+from trainer.step.class_centres import centres_for_optimizer
+from trainer.step.global_loss import loss_and_statistics
+from trainer.step.grad_cache import check_chunk_size
+from trainer.step.proxy_loss import proxy_loss_and_statistics
+from trainer.step.train_step import METRICS, metrics_vector, model_forward, replica_step
 
 if launched_by_horovodrun():
     # Before the user's script builds a model: each worker the GPU of its local rank.
@@ -53,7 +53,7 @@ class GlobalMiningModel(keras.Model):
     `jit_compile_model=True` compiles the embedding model's forward and backward passes
     with XLA; the mining stays outside, as its shapes depend on the labels.
     `embedding_chunk_size=n` embeds each replica's slice n rows at a time, twice, with
-    the loss's cached gradient (GradCache, trainer/grad_cache.py): the same loss and
+    the loss's cached gradient (GradCache, trainer/step/grad_cache.py): the same loss and
     gradients as unchunked (for a model without training BatchNorm), at one chunk's
     activation memory, for about one extra forward pass.
     """
@@ -156,7 +156,7 @@ class GlobalMiningModel(keras.Model):
 
     def _build_centres(self, x) -> None:
         """A proxy loss's centres, sharded over the replicas like the trainer's
-        (trainer/class_centres.py; `self.centres.save` / `restore` checkpoint them)."""
+        (trainer/step/class_centres.py; `self.centres.save` / `restore` checkpoint them)."""
         self._build_model(x)
         width = self.embedding_model.output_shape[-1]
         self.centres = centres_for_optimizer(

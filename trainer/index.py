@@ -12,7 +12,7 @@ distance is the job's loss's. The index is faiss's: the config's `evaluation.sea
 with its `ivf_*`/`hnsw_*` settings, or --search's kind with them; beside it go the rows'
 paths and labels and a decision threshold calibrated on the source's genuine and
 impostor pairs (the evaluation's `verification` pairs) for the false accept rate --far.
-See trainer/index_folder.py for the folder.
+See trainer/retrieval/index_folder.py for the folder.
 
 Exit status 2 with one line naming the thing for a missing or mismatched SavedModel or
 config (a model trained for another distance than the config's loss), a source that
@@ -34,15 +34,15 @@ from absl import app, flags, logging
 from data.errors import InputError
 from data.pipeline import preprocessing_for
 from losses.distances import canonical_distance
-from trainer import index_folder
 from trainer import main as job
-from trainer.calibration import calibrate
+from trainer.backends.replicas import Replicas, make_replicas
 from trainer.evaluation import embed_source as embed_source_in_chunks
 from trainer.evaluation import embedding_function, evaluation
-from trainer.export import check_distance, load_model
 from trainer.job_config import parse_config
-from trainer.neighbours import ApproximateIndex
-from trainer.replicas import Replicas, make_replicas
+from trainer.outputs.export import check_distance, load_model
+from trainer.retrieval import index_folder
+from trainer.retrieval.calibration import calibrate
+from trainer.retrieval.neighbours import ApproximateIndex
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model", None, "The SavedModel a job exported (<workdir>/saved_model).")

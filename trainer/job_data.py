@@ -15,7 +15,7 @@ from data.errors import InputError
 from data.pipeline import corrupt_policy, preprocessing_for, verify_images
 from data.sampler import PKSampler
 from data.sources import Source, digits
-from trainer.verification import read_pairs
+from trainer.retrieval.verification import read_pairs
 
 
 @dataclasses.dataclass

@@ -20,18 +20,24 @@ import tensorflow as tf
 from data.errors import InputError
 from data.pipeline import listed, train_batches, unreadable
 from losses import LOSS_CLASSES, PROXY_LOSS_CLASSES, TripletSemiHardLoss
-from trainer import heartbeat
-from trainer.batchnorm import COLLAPSED, BatchNormStatistics
-from trainer.checkpoints import checkpoint_settings
+from trainer.backends import heartbeat
+from trainer.backends.preemption import StopRequest
 from trainer.evaluation import evaluation
-from trainer.export import export_settings
 from trainer.job_data import JobData, load_data
-from trainer.learner import Learner, build_learner, optimizer_settings, precision_policy
 from trainer.model import batchnorm_settings, digits_convnet
-from trainer.outputs import Outputs, duration, final_summary, open_outputs, write_results
-from trainer.preemption import StopRequest
+from trainer.outputs.checkpoints import checkpoint_settings
+from trainer.outputs.export import export_settings
+from trainer.outputs.job_outputs import (
+    Outputs,
+    duration,
+    final_summary,
+    open_outputs,
+    write_results,
+)
 from trainer.settings import check, check_types
-from trainer.train_step import metrics_of
+from trainer.step.batchnorm import COLLAPSED, BatchNormStatistics
+from trainer.step.learner import Learner, build_learner, optimizer_settings, precision_policy
+from trainer.step.train_step import metrics_of
 
 MEMORY_TAG = "memory_negative_fraction"  # written only with train.cross_batch_memory
 MINED_LOSSES = tuple(
@@ -74,16 +80,16 @@ def train(
     'stop' ends the run at a non-finite loss or gradient (naming the step and the last
     good checkpoint), 'skip' leaves such steps out and counts them. An elastic Horovod
     job keeps its state in memory every `elastic_commit_every` steps (see
-    trainer/elastic.py); after a worker dies it goes on from there. `assembled()` is
+    trainer/backends/elastic.py); after a worker dies it goes on from there. `assembled()` is
     called once every configurable of the job has been built, before anything is written
     (the entry point refuses --gin_param bindings that nothing read). A model with
     training BatchNorm layers has their population statistics recomputed over
     `precise_batchnorm_batches` training batches before each evaluation (0: off; see
-    trainer/batchnorm.py). The parts' own settings are their configurables: `optimizer`
-    (trainer/learner.py), `precision`, `batchnorm` (trainer/model.py), `checkpoints`,
+    trainer/step/batchnorm.py). The parts' own settings are their configurables: `optimizer`
+    (trainer/step/learner.py), `precision`, `batchnorm` (trainer/model.py), `checkpoints`,
     `export` and `evaluation` (trainer/evaluation.py); this reads them once, here.
     `embedding_chunk_size` rows of a replica's slice are embedded at a time, twice, with
-    the loss's cached gradient (GradCache, trainer/grad_cache.py): the global batch is
+    the loss's cached gradient (GradCache, trainer/step/grad_cache.py): the global batch is
     then bounded by the mining's memory, not by the model's activations. That memory
     is bounded too: each replica mines its anchors in tiles whose (anchors × keys)
     arrays fit `mining_memory_mb` (losses/tiles.py).
@@ -406,7 +412,7 @@ def _run(job: _Job, stop: StopRequest, start: int, after_step=None) -> dict:
 def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
     """`_run` under Horovod's elastic driver: each change of workers restarts it from the
     last commit (in memory), with the step and evaluation retraced for the new ranks."""
-    from trainer import elastic  # imports Horovod
+    from trainer.backends import elastic  # imports Horovod
 
     variables = job.learner.state
     state = elastic.TrainingState(

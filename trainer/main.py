@@ -23,8 +23,9 @@ from absl import app, flags  # noqa: E402
 
 import trainer.config  # noqa: E402, F401  (registers the configurables)
 from data.errors import InputError  # noqa: E402
-from trainer import collective_timeout, disk_space, heartbeat  # noqa: E402
-from trainer.checkpoints import last_complete  # noqa: E402
+from trainer.backends import collective_timeout, heartbeat  # noqa: E402
+from trainer.backends.placement import cpu_only_warning, nvidia_smi_gpus  # noqa: E402
+from trainer.backends.replicas import make_replicas  # noqa: E402
 from trainer.job_config import (  # noqa: E402
     DEFAULT_JOB,
     UsageError,
@@ -32,8 +33,8 @@ from trainer.job_config import (  # noqa: E402
     parse_config,
 )
 from trainer.loop import NumericalError  # noqa: E402
-from trainer.placement import cpu_only_warning, nvidia_smi_gpus  # noqa: E402
-from trainer.replicas import make_replicas  # noqa: E402
+from trainer.outputs import disk_space
+from trainer.outputs.checkpoints import last_complete  # noqa: E402
 
 FLAGS = flags.FLAGS
 # This job's "workdir" and "replicas", once known: a failure's last line names its
@@ -144,9 +145,9 @@ _TIMED_OUT = threading.Lock()  # held by whichever of the watchdog or the main t
 def end_timed_out(replicas, workdir: str, from_watchdog: bool = False) -> None:
     """Ends the job after a collective waited past the timeout: one line, exit status 5.
 
-    From the watchdog (trainer/heartbeat.py), the main thread is blocked in the wait: the
+    From the watchdog (trainer/backends/heartbeat.py), the main thread is blocked in the wait: the
     process ends at once, as it must (what is complete is on disk; the checkpoint that
-    a write was making is not counted, see trainer/checkpoints.py).
+    a write was making is not counted, see trainer/outputs/checkpoints.py).
     """
     if not _TIMED_OUT.acquire(blocking=False):
         threading.Event().wait()  # the other one reports and ends the process

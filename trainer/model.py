@@ -217,7 +217,7 @@ def _all_layers(model):
 def _global_moments(layer, replicas, record=None):
     """The layer's batch moments over every replica's rows (one summing all-reduce of
     sum, sum of squares and count). `record(mean, mean_of_squares)`, if given, receives
-    the float32 global moments (trainer/batchnorm.py's re-estimation)."""
+    the float32 global moments (trainer/step/batchnorm.py's re-estimation)."""
 
     def moments(inputs, mask):
         if mask is not None:

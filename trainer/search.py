@@ -19,9 +19,9 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from data.errors import InputError
-from trainer.export import check_distance, load_model
-from trainer.index_folder import IndexFolder
-from trainer.neighbours import prepared
+from trainer.outputs.export import check_distance, load_model
+from trainer.retrieval.index_folder import IndexFolder
+from trainer.retrieval.neighbours import prepared
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("k", 5, "Neighbours per image.")

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from trainer import class_centres
+from trainer.step import class_centres
 
 STEP = int(os.environ["STALLED_CENTRES_STEP"])
 _write_part = class_centres.ShardedCentres.write_part

@@ -25,8 +25,8 @@ import tensorflow as tf
 
 from losses.mining import class_ids
 from losses.tiles import tile_rows, tiled_terms
-from trainer.grad_cache import EmbeddingPass
-from trainer.replicas import Replicas
+from trainer.backends.replicas import Replicas
+from trainer.step.grad_cache import EmbeddingPass
 
 # The mining's (anchors × keys) arrays of one replica are computed in anchor tiles that
 # fit this (train.mining_memory_mb; see losses/tiles.py).
@@ -82,8 +82,8 @@ def loss_and_gradients(
     the loss-scale optimizer's) scales what is differentiated; the optimizer unscales.
     `replica_rows` (rows held by each replica, in order; a Python tuple) lets the
     backend gather without first exchanging the row counts. `memory` (a
-    trainer.key_memory.KeyMemory) adds past global batches to the keys, and takes this one.
-    `embedding_pass` (trainer.grad_cache) embeds the slice whole (the default) or in
+    trainer.step.key_memory.KeyMemory) adds past global batches to the keys, and takes this one.
+    `embedding_pass` (trainer.step.grad_cache) embeds the slice whole (the default) or in
     chunks, and takes the gradient through it. `mining_budget_bytes` bounds the
     mining's arrays: it runs in anchor tiles that fit (losses/tiles.py).
     """

@@ -19,7 +19,7 @@ import shutil
 import numpy as np
 
 from data.errors import InputError
-from trainer.neighbours import faiss_module
+from trainer.retrieval.neighbours import faiss_module
 
 FORMAT = 1
 FILES = ("index.faiss", "rows.npz", "index.json")

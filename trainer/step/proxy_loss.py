@@ -3,7 +3,7 @@
 Each replica embeds its slice, gathers the global batch (embeddings and labels, one
 all-gather whose backward pass returns each embedding's gradient to its owner), and
 takes the loss of the whole batch against its own block of centres
-(trainer/class_centres.py). The block's surrogate has, as gradient, exactly this
+(trainer/step/class_centres.py). The block's surrogate has, as gradient, exactly this
 block's share of the global loss's gradient: summed over replicas (the optimizer does
 that for the model's weights) it is the gradient one device computes, while the
 centres' gradient is the owner's alone.
@@ -14,8 +14,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from losses.mining import class_ids
-from trainer.global_loss import STATS, StepResult, gather_keys
-from trainer.grad_cache import EmbeddingPass
+from trainer.step.global_loss import STATS, StepResult, gather_keys
+from trainer.step.grad_cache import EmbeddingPass
 
 
 def proxy_loss_and_gradients(
@@ -33,7 +33,7 @@ def proxy_loss_and_gradients(
     """Runs inside `Replicas.run`: (the model's gradients, loss and STATS; this replica's
     centre gradient). `scale_loss` (a loss-scale optimizer's) scales what is
     differentiated; the centre gradient comes back unscaled. `embedding_pass`: as in
-    `trainer.global_loss.loss_and_gradients`."""
+    `trainer.step.global_loss.loss_and_gradients`."""
     shard = centres.variable()
     passes = embedding_pass or EmbeddingPass()
     with tf.GradientTape() as tape:

@@ -15,7 +15,7 @@ import re
 
 import tensorflow as tf
 
-from trainer.checkpoints import last_complete
+from trainer.outputs.checkpoints import last_complete
 
 EXIT_STATUS = 4
 _CODES = (errno.ENOSPC, errno.EDQUOT)

@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.global_loss import MINING_BUDGET_BYTES, loss_and_gradients
-from trainer.grad_cache import embedding_pass
-from trainer.proxy_loss import proxy_loss_and_gradients
-from trainer.replicas import Replicas
+from trainer.backends.replicas import Replicas
+from trainer.step.global_loss import MINING_BUDGET_BYTES, loss_and_gradients
+from trainer.step.grad_cache import embedding_pass
+from trainer.step.proxy_loss import proxy_loss_and_gradients
 
 METRICS = (
     "loss",  # the global-batch loss
@@ -44,13 +44,13 @@ def replica_step(
     metrics as one vector in the order of METRICS. Also returns this replica's terms.
 
     `forward` (default `model_forward(model)`) embeds the inputs in training mode.
-    `centres` (trainer.class_centres.ShardedCentres): `loss` is a proxy loss whose
+    `centres` (trainer.step.class_centres.ShardedCentres): `loss` is a proxy loss whose
     centres are sharded over the replicas; each replica updates its own shard.
     `check_finite=False` leaves out the scan of every gradient for `finite_gradients`
     (reported as 1) when nobody reads it; a loss-scale optimizer always needs it. With
     the check, a step whose global loss or any replica's gradient is not finite changes
     no weight on any replica (`finite_gradients` 0). `embedding_chunk_size` rows at a
-    time are embedded, twice, with the loss's cached gradient (trainer/grad_cache.py);
+    time are embedded, twice, with the loss's cached gradient (trainer/step/grad_cache.py);
     None: the whole slice at once. The mining's arrays are computed in anchor tiles
     within `mining_budget_bytes` (losses/tiles.py).
     """
@@ -113,7 +113,7 @@ def as_float(images):
 
 
 def metrics_vector(loss_value, stats: dict, finite) -> tf.Tensor:
-    """METRICS from the global loss and the summed statistics (trainer/global_loss.py)."""
+    """METRICS from the global loss and the summed statistics (trainer/step/global_loss.py)."""
     s = stats
     return tf.stack(
         [
@@ -159,11 +159,11 @@ class TrainStep:
         mining_budget_bytes: int = MINING_BUDGET_BYTES,
     ):
         self.model, self.optimizer, self.loss = model, optimizer, loss
-        self.centres = centres  # trainer.class_centres.ShardedCentres of a proxy loss
+        self.centres = centres  # trainer.step.class_centres.ShardedCentres of a proxy loss
         self.forward = model_forward(model, jit_compile_model)
         self.replicas = replicas
         self.cross_replica_mining = cross_replica_mining
-        self.memory = memory  # trainer.key_memory.KeyMemory, or None
+        self.memory = memory  # trainer.step.key_memory.KeyMemory, or None
         self.embedding_chunk_size = embedding_chunk_size  # rows embedded at a time
         self.mining_budget_bytes = mining_budget_bytes  # of one replica's mining arrays
         with replicas.scope():

@@ -23,8 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from data.errors import InputError
-from trainer import collective_timeout
-from trainer.placement import place
+from trainer.backends import collective_timeout
+from trainer.backends.placement import place
 
 STRATEGIES = ("auto", "single", "mirrored", "multi_worker", "horovod")
 
@@ -67,7 +67,9 @@ class Replicas:
 
     name = "single"
     timeout_seconds = collective_timeout.DEFAULT_SECONDS  # distribute.timeout_seconds
-    elastic = False  # whether workers can leave and join during the job (trainer/elastic.py)
+    elastic = (
+        False  # whether workers can leave and join during the job (trainer/backends/elastic.py)
+    )
 
     @property
     def size(self) -> int:
@@ -465,7 +467,7 @@ class HorovodReplicas(Replicas):
 @functools.cache
 def _default_gpu() -> str | None:
     """The GPU a one-replica process computes on (a Horovod worker sees only its own,
-    see trainer/placement.py), or None on a CPU."""
+    see trainer/backends/placement.py), or None on a CPU."""
     gpus = tf.config.list_logical_devices("GPU")
     return gpus[0].name if gpus else None
 
@@ -511,7 +513,7 @@ def make_replicas(
     'auto': Horovod when launched by horovodrun, MirroredStrategy when more than one GPU
     (or `cpu_replicas` > 1) is visible, else a single device. A collective between
     processes that waits more than `timeout_seconds` ends the job (see
-    trainer/collective_timeout.py).
+    trainer/backends/collective_timeout.py).
     """
     timeout_seconds = collective_timeout.checked(timeout_seconds)
     if strategy not in STRATEGIES:

@@ -82,7 +82,7 @@ def place(per_worker: bool, local_rank: int = 0, local_size: int = 1, config=tf.
             raise PlacementError(
                 f"this process must use {[d.name for d in chosen]} but TensorFlow already "
                 f"initialized {[d.name for d in visible]} ({error}). Call "
-                "trainer.placement.place_worker() (or import trainer.fit) before building "
+                "trainer.backends.placement.place_worker() (or import trainer.fit) before building "
                 "any model or running any TensorFlow op."
             ) from error
     return chosen

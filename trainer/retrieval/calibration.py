@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from data.errors import InputError
-from trainer.neighbours import prepared
-from trainer.verification import IMPOSTOR_SAMPLE, sample_pairs
+from trainer.retrieval.neighbours import prepared
+from trainer.retrieval.verification import IMPOSTOR_SAMPLE, sample_pairs
 
 
 def distances_of_pairs(embeddings, pairs, distance: str) -> np.ndarray:

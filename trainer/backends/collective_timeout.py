@@ -5,7 +5,7 @@ worker paused by a slow shared disk or a swap storm then kills a healthy job), H
 NCCL path waits forever, and MultiWorkerMirrored's health check declares a peer down
 after three 10 s pings. One setting, default 600 s as PyTorch's collectives, drives them
 all. A collective that waits longer ends the job with one line naming the workers that
-did not answer (see trainer/heartbeat.py), the step and the last complete checkpoint,
+did not answer (see trainer/backends/heartbeat.py), the step and the last complete checkpoint,
 and exit status `EXIT_STATUS`.
 """
 
@@ -39,7 +39,7 @@ def horovod_environment(timeout_seconds: float) -> dict[str, str]:
     way to end a wait on NCCL. The stall shutdown did not fire on Gloo here: a worker
     whose main thread hung while its Horovod thread lived was still waited on after
     100 s at a 20 s timeout; the heartbeat's watchdog ends that job instead
-    (trainer/heartbeat.py)."""
+    (trainer/backends/heartbeat.py)."""
     seconds = max(1, round(timeout_seconds))
     return {
         "HOROVOD_GLOO_TIMEOUT_SECONDS": str(seconds),

@@ -4,7 +4,7 @@ Only the chief writes. On start every worker restores the latest checkpoint it c
 then the chief's values are broadcast to all (`Replicas.broadcast_variables`: Horovod's
 broadcast, MultiWorkerMirrored's host all-reduce), so workers without the shared
 workdir still resume with the same weights. A proxy loss's sharded centres are read by
-every worker from the checkpoint (trainer/class_centres.py). TensorFlow
+every worker from the checkpoint (trainer/step/class_centres.py). TensorFlow
 writes a checkpoint's files first and the `checkpoint` index last (atomically), so a
 run killed mid-save resumes from the previous complete checkpoint.
 
@@ -41,8 +41,8 @@ import tensorflow as tf
 from tensorflow.python.checkpoint.checkpoint_management import update_checkpoint_state_internal
 
 from data.errors import InputError
-from trainer.class_centres import centres_prefix
 from trainer.settings import check, check_types
+from trainer.step.class_centres import centres_prefix
 
 TORN = "torn"  # where unreadable checkpoints are moved, inside the checkpoint directory
 
@@ -114,7 +114,7 @@ class Checkpoints:
         # Only a proxy loss's centres are written in the background (see the docstring).
         self.asynchronous = asynchronous and centres is not None
         self._pending: _PendingSave | None = None
-        self.centres = centres  # trainer.class_centres.ShardedCentres: saved beside
+        self.centres = centres  # trainer.step.class_centres.ShardedCentres: saved beside
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.checkpoint = tf.train.Checkpoint(step=self.step, **trackables)
         self.directory = directory

@@ -215,7 +215,7 @@ def unanswering(
     ]
 
 
-_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _own(filename: str) -> bool:

@@ -35,7 +35,7 @@ class TrainingState(ObjectState):
         self._values = self._read()
         # A proxy loss's centres are sharded by worker: the whole matrices are kept at
         # each commit (host memory, every worker), so that any new set of workers can
-        # re-shard them (trainer/class_centres.py).
+        # re-shard them (trainer/step/class_centres.py).
         self._centres = centres
         self._whole_centres = centres.whole() if centres is not None else None
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, step=step)

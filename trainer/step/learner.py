@@ -13,11 +13,11 @@ import keras
 
 from data.errors import InputError
 from losses import PROXY_LOSS_CLASSES
-from trainer.class_centres import ShardedCentres
-from trainer.key_memory import KeyMemory
 from trainer.model import batchnorm_layers, sync_batchnorm
 from trainer.settings import check, check_types
-from trainer.train_step import TrainStep
+from trainer.step.class_centres import ShardedCentres
+from trainer.step.key_memory import KeyMemory
+from trainer.step.train_step import TrainStep
 
 OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -159,7 +159,7 @@ def build_learner(
     keys. `jit_compile_model` compiles the model's forward and backward passes with XLA
     (not the mining). A proxy loss gets its centres sharded over the replicas:
     `num_classes` (the training data's) unless the loss sets it, the width of the model's
-    embeddings. `embedding_chunk_size`: see trainer/grad_cache.py (refused with
+    embeddings. `embedding_chunk_size`: see trainer/step/grad_cache.py (refused with
     synchronized BatchNorm, which a chunk cannot be exact with). `mining_memory_mb`: the
     budget of one replica's mining arrays."""
     keras.mixed_precision.set_global_policy(precision or "float32")

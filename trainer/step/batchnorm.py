@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from trainer.evaluation import mean_cosine
 from trainer.model import _global_moments, batchnorm_layers
-from trainer.train_step import as_float
+from trainer.step.train_step import as_float
 
 COLLAPSED = 0.9  # mean pairwise cosine above which embeddings are called collapsed
 

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from data.errors import InputError
 from losses.proxies import initial_centres
-from trainer.replicas import Replicas, applied_if, slice_bounds
+from trainer.backends.replicas import Replicas, applied_if, slice_bounds
 
 SLOTS = {"adam": ("m", "v"), "adamw": ("m", "v"), "sgd": ()}
 ADAM_DEFAULTS = (0.9, 0.999, 1e-7)  # Keras' beta_1, beta_2, epsilon (the trainer's Adam)

@@ -15,10 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from data.pipeline import encoded_images, eval_batches
-from trainer import export
-from trainer.checkpoints import Checkpoints, CheckpointSettings
 from trainer.evaluation import Evaluator, format_figures
-from trainer.summaries import Summaries
+from trainer.outputs import export
+from trainer.outputs.checkpoints import Checkpoints, CheckpointSettings
+from trainer.outputs.summaries import Summaries
 
 
 @dataclasses.dataclass

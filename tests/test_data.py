@@ -8,7 +8,7 @@ import tensorflow as tf
 from PIL import Image
 
 from data.errors import InputError
-from data.pipeline import PixelAugmentation, eval_batches, train_batches
+from data.pipeline import PixelAugmentation, _regrouped, eval_batches, train_batches
 from data.records import encode_example
 from data.sampler import PKSampler
 from data.sources import digits, image_folder, list_file, tfrecord
@@ -339,3 +339,19 @@ def test_the_in_shop_config_builds_both_splits(tmp_path):
     assert settings.ks == (1, 10, 20, 30)  # In-Shop's published ks
     query_labels, gallery_labels = common_labels(queries, gallery)  # matched by item id
     assert query_labels[0] == gallery_labels[0] != gallery_labels[1]
+
+
+def test_rows_are_regrouped_by_key_once_a_left_out_row_shifts_the_batches():
+    """The training stream is batched by size; a row left out (it failed to decode)
+    shifts every later batch. Each expected batch still gets exactly its own rows, and
+    one whose every row failed at the end of the stream gets none."""
+    keys = np.array([0, 1, 2, 3, 5, 6, 7, 8, 10], np.int64)  # 4, 9 and 11 failed
+    images = tf.constant(keys[:, None] * 10.0)
+    batches = iter(tf.data.Dataset.from_tensor_slices((keys, images)).batch(3))
+    expected = [(np.arange(first, first + 3),) for first in (0, 3, 6, 9, 12)]
+    got = list(_regrouped(batches, iter(expected)))
+    assert [want[0][0] for _, want in got] == [0, 3, 6, 9, 12]
+    rows = [keys.tolist() for (keys, _), _ in got]
+    assert rows == [[0, 1, 2], [3, 5], [6, 7, 8], [10], []]
+    for (keys, images), _ in got:
+        np.testing.assert_array_equal(np.asarray(images)[:, 0], keys * 10.0)

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -325,3 +326,42 @@ def test_an_elastic_job_reshards_a_proxy_loss_s_centres(tmp_path):
     print(f"{history}: largest relative loss difference from the replay {worst:.1e}")
     for step in range(1, stopped + 1):
         np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_an_elastic_job_drops_a_worker_that_stops_answering(tmp_path):
+    """A worker stopped for good (SIGSTOP) never answers, though its process lives, so
+    the driver would wait for it at the next rendezvous for ever. Gloo's timeout fails
+    the other's collective; that worker, on the same host, finds it silent in the
+    heartbeats and ends it; the job re-forms without it and goes on, exactly as the same
+    history of replica counts without elastic Horovod."""
+    _, discover = discovery_script(tmp_path, "localhost:1\n127.0.0.1:1\n")
+    workdir = tmp_path / "elastic"
+    job = start_job(
+        workdir, ELASTIC_JOB, elastic_launcher(discover), HOROVODRUN_ARGS="--network-interface lo"
+    )
+    with killing_all_at_exit(job) as tree:
+        trains_on(job, workdir, 2, 3)
+        (silent,) = workers_on(tree, "127.0.0.1")
+        last_with_two = max(replicas_by_step(workdir))
+        silent.send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        wait_for(lambda: steps_with(workdir, 1, after=last_with_two) >= 1, job, interval=0.5)
+        print(f"training went on {time.time() - stopped_at:.1f} s after a worker was stopped")
+        trains_on(job, workdir, 1, 3)
+        job.send_signal(signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert (
+        f"warning: elastic: worker {silent.pid} on host {socket.gethostname()} did not answer "
+        "(silent for "
+    ) in stderr, stderr[-3000:]
+    stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
+    by_step = replicas_by_step(workdir)
+    assert sorted(by_step) == list(range(1, stopped + 1))
+    history = phases(by_step)
+    assert [count for count, _, _ in history] == [2, 1], history
+    expected = replayed_by_stretches(tmp_path / "reference", history, ELASTIC_JOB)
+    got = scalars(workdir, "train/loss")
+    assert sorted(got) == sorted(expected)
+    for step in got:
+        np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")

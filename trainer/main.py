@@ -86,7 +86,11 @@ def run(argv) -> int:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     workdir = os.path.abspath(FLAGS.workdir or agreed_default_workdir(replicas))
     JOB.update(workdir=workdir, replicas=replicas)
-    if replicas.processes > 1 and not replicas.elastic:  # (an elastic job's ranks change)
+    if replicas.elastic:  # named by process (ranks change); a silent one is dropped
+        heartbeat.start(
+            workdir, replicas.rank, replicas.timeout_seconds, name=heartbeat.elastic_name()
+        )
+    elif replicas.processes > 1:
         heartbeat.start(
             workdir,
             replicas.rank,

@@ -19,6 +19,9 @@ from data.errors import InputError
 
 EXIT_STATUS = 5
 DEFAULT_SECONDS = 600
+# An elastic Horovod job keeps Gloo's own timeout: there a collective that gives up does
+# not end the job, the workers re-form without the one that did not answer.
+ELASTIC_SECONDS = 30
 
 
 def checked(timeout_seconds) -> float:

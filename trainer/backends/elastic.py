@@ -15,12 +15,18 @@ Imported only by elastic jobs.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sys
+import time
 
 import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
 from horovod.common.elastic import ObjectState, run_fn
 from horovod.common.exceptions import HorovodInternalError
+
+from trainer.backends import heartbeat
 
 
 class TrainingState(ObjectState):
@@ -102,16 +108,40 @@ def _peer_failures_as_horovod_errors():
         raise HorovodInternalError(error) from error
 
 
-def run(attempt, state: TrainingState):
+def run(attempt, state: TrainingState, workdir: str, timeout_seconds: float):
     """`attempt(state)` until it returns, re-forming the workers after each change."""
 
     def attempt_with_horovod_errors(state):
         with _peer_failures_as_horovod_errors():
             return attempt(state)
 
-    return run_fn(attempt_with_horovod_errors, _reset)(state)
+    def reset() -> None:
+        drop_silent_workers(workdir, timeout_seconds)
+        hvd.shutdown()
+        hvd.init()
+
+    return run_fn(attempt_with_horovod_errors, reset)(state)
 
 
-def _reset() -> None:
-    hvd.shutdown()
-    hvd.init()
+def drop_silent_workers(workdir: str, timeout_seconds: float) -> list[int]:
+    """After a collective failed: ends the workers of this host that stopped answering
+    (their heartbeats silent; see trainer/backends/heartbeat.py), so that the driver sees
+    them exit and re-forms the job without them, as after a death. A worker alive but
+    silent would otherwise hold the next rendezvous for ever. Returns their pids.
+    (Only this host's: a silent worker alone on its node is not reached from here.)"""
+    dropped = []
+    for record in heartbeat.silent_here(workdir, timeout_seconds):
+        silent = time.time() - record["time"]
+        try:
+            os.kill(record["pid"], signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+        dropped.append(record["pid"])
+        print(
+            f"warning: elastic: worker {record['pid']} on host {record['host']} did not "
+            f"answer (silent for {silent:.0f} s at step {record['step']}): ended, so that "
+            "the job goes on without it, as after a failure",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dropped

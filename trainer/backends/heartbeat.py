@@ -49,9 +49,10 @@ class Heartbeat:
     and calls `on_stall` (once) if the main thread waits on TensorFlow with no progress
     for `stall_after(timeout_seconds)` while the watch is on (see `at_step`)."""
 
-    def __init__(self, workdir: str, rank: int, timeout_seconds: float, on_stall=None):
+    def __init__(self, workdir: str, rank: int, timeout_seconds: float, on_stall=None, name=None):
         self.folder = os.path.join(workdir, FOLDER)
         self.rank = rank
+        self.name = name or f"worker-{rank}"  # the file's name, without .json
         self.interval = interval_for(timeout_seconds)
         self.stall_after = stall_after(timeout_seconds)
         self.on_stall = on_stall
@@ -95,7 +96,7 @@ class Heartbeat:
         )
 
     def _write(self) -> None:
-        path = os.path.join(self.folder, f"worker-{self.rank}.json")
+        path = os.path.join(self.folder, f"{self.name}.json")
         record = {
             "rank": self.rank,
             "host": socket.gethostname(),
@@ -113,10 +114,34 @@ class Heartbeat:
 _CURRENT: list[Heartbeat] = []  # this process's heartbeat, once the job has started one
 
 
-def start(workdir: str, rank: int, timeout_seconds: float, on_stall=None) -> Heartbeat:
+def start(workdir: str, rank: int, timeout_seconds: float, on_stall=None, name=None) -> Heartbeat:
     stop()
-    _CURRENT.append(Heartbeat(workdir, rank, timeout_seconds, on_stall).start())
+    _CURRENT.append(Heartbeat(workdir, rank, timeout_seconds, on_stall, name).start())
     return _CURRENT[0]
+
+
+def elastic_name() -> str:
+    """An elastic worker's heartbeat file name: by host and process, since its rank
+    changes whenever the workers do."""
+    return f"elastic-{socket.gethostname()}-{os.getpid()}"
+
+
+def silent_here(workdir: str, timeout_seconds: float, now: float | None = None) -> list[dict]:
+    """The elastic workers of this host, other than this process, still running but
+    silent for three heartbeat intervals (stopped, or swapped out): the ones that did
+    not answer a collective, which Horovod's elastic driver would wait for at the next
+    rendezvous for ever, since their processes live."""
+    now = time.time() if now is None else now
+    silent_after = 3 * interval_for(timeout_seconds)
+    host = socket.gethostname()
+    return [
+        record
+        for record in _records(workdir, "elastic-*.json")
+        if record.get("host") == host
+        and record.get("pid") != os.getpid()
+        and now - record.get("time", now) > silent_after
+        and _alive(record["pid"])
+    ]
 
 
 def stop() -> None:
@@ -153,16 +178,22 @@ def current_step() -> int | None:
 def read(workdir: str, workers: int) -> list[dict]:
     """The heartbeats of ranks 0..workers-1 that exist (another run's higher ranks are
     ignored)."""
+    records = [r for r in _records(workdir, "worker-*.json") if 0 <= r.get("rank", -1) < workers]
+    return sorted(records, key=lambda record: record["rank"])
+
+
+def _records(workdir: str, pattern: str) -> list[dict]:
+    """The heartbeat records of the files matching `pattern` (unreadable ones skipped)."""
     records = []
-    for path in glob.glob(os.path.join(workdir, FOLDER, "worker-*.json")):
+    for path in glob.glob(os.path.join(workdir, FOLDER, pattern)):
         try:
             with open(path) as file:
                 record = json.load(file)
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and 0 <= record.get("rank", -1) < workers:
+        if isinstance(record, dict):
             records.append(record)
-    return sorted(records, key=lambda record: record["rank"])
+    return records
 
 
 def unanswering(

@@ -392,10 +392,13 @@ class HorovodReplicas(Replicas):
         self.hvd = hvd
         # horovodrun with a host-discovery script: ranks and size change during the job.
         self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
-        if not self.elastic:
+        if self.elastic:
             # An elastic job keeps Gloo's 30 s: a worker whose host was removed can hold
             # the others' collectives until it runs out, and with 600 s the job stalled
             # for longer than that (test_elastic, killing a worker of a 2-slot host).
+            # There a timeout re-forms the job without the silent worker (elastic.py).
+            self.timeout_seconds = collective_timeout.ELASTIC_SECONDS
+        else:
             self.timeout_seconds = timeout_seconds
             collective_timeout.set_horovod_environment(timeout_seconds)
         hvd.init()

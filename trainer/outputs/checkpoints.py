@@ -86,6 +86,11 @@ def checkpoint_settings(keep: int = 3, asynchronous: bool = True) -> CheckpointS
     return CheckpointSettings(keep, asynchronous)
 
 
+def step_of(path: str) -> int:
+    """The step of checkpoint prefix `path` (".../ckpt-120" -> 120)."""
+    return int(path.rsplit("-", 1)[1])
+
+
 class _PendingSave:
     """A checkpoint whose model part is on disk and whose centres a thread is writing."""
 
@@ -93,9 +98,9 @@ class _PendingSave:
         self.step, self.path = step, path  # path: the model part's prefix (chief)
         self.wrote, self.failure = False, None
         self.finished = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(write,), daemon=True,
-                                       name=f"checkpoint-{step}")  # fmt: skip
-        self.thread.start()
+        threading.Thread(
+            target=self._run, args=(write,), daemon=True, name=f"checkpoint-{step}"
+        ).start()
 
     def _run(self, write) -> None:
         try:
@@ -150,7 +155,7 @@ class Checkpoints:
         """Why checkpoint `path` (with its centres, if the job has them) cannot be read."""
         problem = unreadable(path)
         if problem is None and self.centres is not None:
-            centres = centres_prefix(self.directory, int(path.rsplit("-", 1)[1]))
+            centres = centres_prefix(self.directory, step_of(path))
             problem = unreadable(centres)
             if problem is not None:
                 problem = f"its centres {os.path.basename(centres)}: {problem}"
@@ -188,9 +193,10 @@ class Checkpoints:
             aside = os.path.join(self.directory, TORN)
             os.makedirs(aside, exist_ok=True)
             for path, problem in torn:
-                step = path.rsplit("-", 1)[1]
                 files = glob.glob(glob.escape(path) + ".*")
-                files += glob.glob(glob.escape(centres_prefix(self.directory, int(step))) + ".*")
+                files += glob.glob(
+                    glob.escape(centres_prefix(self.directory, step_of(path))) + ".*"
+                )
                 for name in files:
                     target = os.path.join(aside, os.path.basename(name))
                     if os.path.exists(target):  # torn again at the same step
@@ -263,9 +269,7 @@ class Checkpoints:
 
     def _forget_centres(self) -> None:
         if self.centres is not None and self.replicas.is_chief:
-            self.centres.forget(
-                self.directory, [p.rsplit("-", 1)[1] for p in self.manager.checkpoints]
-            )
+            self.centres.forget(self.directory, [step_of(p) for p in self.manager.checkpoints])
 
     # --- an asynchronous save: agreed on at the steps where the processes meet anyway ---
     def progress(self) -> list[float]:

@@ -369,6 +369,12 @@ def train_batches(
             step * sampler.global_batch_size
         )
 
+    drawn = {}  # step -> rows_of(step), drawn by the pipeline ahead of `expected_rows`
+
+    def draw(step):
+        drawn[step] = rows_of(step)  # (the sampler once per step: on small images its
+        return drawn[step]  # Python, run twice, cost a few per cent of the rate)
+
     prepare_encoded = None
     if from_bytes:
         encoded = _encoded(source)
@@ -391,7 +397,7 @@ def train_batches(
     def step_rows(step):
         """The step's rows: (index or serialized record, global row), one element each."""
         picked, global_rows = tf.numpy_function(
-            lambda s: rows_of(int(s)), [step], (tf.int64, tf.int64), stateful=False
+            lambda s: draw(int(s)), [step], (tf.int64, tf.int64), stateful=False
         )
         picked, global_rows = tf.reshape(picked, [end - start]), tf.reshape(global_rows, [-1])
         if from_bytes and source.kind == "record":  # one read call per step, GIL released
@@ -419,7 +425,7 @@ def train_batches(
     batches = rows.batch(end - start).prefetch(AUTOTUNE)
 
     def expected_rows(step):
-        indices, global_rows = rows_of(step)
+        indices, global_rows = drawn.pop(step) if step in drawn else rows_of(step)
         return global_rows, indices, global_rows
 
     expected = (expected_rows(step) for step in range(first_step, last_step))

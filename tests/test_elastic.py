@@ -340,7 +340,9 @@ def test_an_elastic_job_drops_a_worker_that_stops_answering(tmp_path):
         workdir, ELASTIC_JOB, elastic_launcher(discover), HOROVODRUN_ARGS="--network-interface lo"
     )
     with killing_all_at_exit(job) as tree:
-        trains_on(job, workdir, 2, 3)
+        # Past the commit of step 5 on two workers: the stop then sends the job back to
+        # a commit made by two (before it, all would be retrained by one).
+        trains_on(job, workdir, 2, 7)
         (silent,) = workers_on(tree, "127.0.0.1")
         last_with_two = max(replicas_by_step(workdir))
         silent.send_signal(signal.SIGSTOP)

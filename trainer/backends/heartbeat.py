@@ -101,6 +101,7 @@ class Heartbeat:
             "rank": self.rank,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "started": start_time(os.getpid()),  # tells this process from a later one
             "step": self.step,
             "time": time.time(),
             "doing": main_thread_doing(),
@@ -141,6 +142,7 @@ def silent_here(workdir: str, timeout_seconds: float, now: float | None = None) 
         and record.get("pid") != os.getpid()
         and now - record.get("time", now) > silent_after
         and _alive(record["pid"])
+        and record.get("started") == start_time(record["pid"])  # not a reused pid
     ]
 
 
@@ -297,6 +299,16 @@ def _place(frame) -> str:
     else:
         filename = os.path.basename(filename)
     return f"{filename}:{frame.f_lineno}"
+
+
+def start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat's 22nd field),
+    or None where there is no /proc: with the pid, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return int(file.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:

@@ -330,7 +330,7 @@ def _regrouped(batches, expected):
             yield (np.zeros(0, np.int64), tf.zeros(shape, image_spec.dtype)), want
         else:
             yield (np.concatenate(keys_parts), tf.concat(image_parts, 0)), want
-    if pending is not None and len(pending[0]) or next(batches, None) is not None:
+    if (pending is not None and len(pending[0])) or next(batches, None) is not None:
         raise RuntimeError("the input pipeline gave more rows than its batches hold")
 
 
@@ -425,7 +425,10 @@ def train_batches(
     batches = rows.batch(end - start).prefetch(AUTOTUNE)
 
     def expected_rows(step):
-        indices, global_rows = drawn.pop(step) if step in drawn else rows_of(step)
+        rows = drawn.pop(step, None)
+        for earlier in [s for s in list(drawn) if s < step]:  # drawn after we computed them
+            drawn.pop(earlier, None)
+        indices, global_rows = rows if rows is not None else rows_of(step)
         return global_rows, indices, global_rows
 
     expected = (expected_rows(step) for step in range(first_step, last_step))

@@ -105,13 +105,39 @@ def replayed_by_stretches(reference, history: list, params: tuple) -> dict:
     return scalars(reference, "train/loss")
 
 
-def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
-    hosts, discover = discovery_script(tmp_path, "localhost:1\n")
+def start_elastic(tmp_path, hosts: str, params: tuple = ELASTIC_JOB):
+    """(hosts file, workdir, job): an elastic job on the hosts the file lists (the test
+    may edit it), in tmp_path/elastic."""
+    listing, discover = discovery_script(tmp_path, hosts)
     workdir = tmp_path / "elastic"
     # Starting on one host, horovodrun cannot compare the hosts' network interfaces.
     job = start_job(
-        workdir, ELASTIC_JOB, elastic_launcher(discover), HOROVODRUN_ARGS="--network-interface lo"
+        workdir, params, elastic_launcher(discover), HOROVODRUN_ARGS="--network-interface lo"
     )
+    return listing, workdir, job
+
+
+def stopped_by_sigterm(job) -> tuple[str, str, int]:
+    """Ends the job with SIGTERM: (stdout, stderr, the step it stopped at)."""
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return stdout, stderr, int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
+
+
+def assert_losses_equal_replay(tmp_path, workdir, history, params, stopped: int) -> float:
+    """Every step's loss equals the same history replayed stretch by stretch without
+    elastic Horovod (`replayed_by_stretches`); returns the largest relative difference."""
+    expected = replayed_by_stretches(tmp_path / "reference", history, params)
+    got = scalars(workdir, "train/loss")
+    assert sorted(got) == sorted(expected) == list(range(1, stopped + 1))
+    for step in range(1, stopped + 1):
+        np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
+    return max(abs(got[s] - expected[s]) / abs(expected[s]) for s in got)
+
+
+def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
+    hosts, workdir, job = start_elastic(tmp_path, "localhost:1\n")
     with killing_all_at_exit(job) as tree:
         trains_on(job, workdir, 1, 3)
         hosts.write_text("localhost:1\n127.0.0.1:1\n")  # a second node comes up...
@@ -131,10 +157,7 @@ def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
         wait_for(lambda: steps_with(workdir, 1, after=last_with_two) >= 1, job, interval=0.1)
         print(f"training went on {time.time() - killed_at:.1f} s after the chief was killed")
         trains_on(job, workdir, 1, 5)
-        job.send_signal(signal.SIGTERM)
-        stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
+        stdout, stderr, stopped = stopped_by_sigterm(job)
     by_step = replicas_by_step(workdir)
     assert sorted(by_step) == list(range(1, stopped + 1))
     history = phases(by_step)
@@ -149,16 +172,11 @@ def test_an_elastic_job_goes_on_as_workers_join_leave_and_die(tmp_path):
     # loss must be the same at every step. (Against one uninterrupted process it agrees
     # only up to float rounding: two workers sum in another order, and training amplifies
     # that, to ~1e-4 relative after 50 steps.)
-    expected = replayed_by_stretches(tmp_path / "reference", history, ELASTIC_JOB)
-    got = scalars(workdir, "train/loss")
-    assert sorted(got) == sorted(expected) == list(range(1, stopped + 1))
-    differences = [abs(got[s] - expected[s]) / abs(expected[s]) for s in range(1, stopped + 1)]
+    worst = assert_losses_equal_replay(tmp_path, workdir, history, ELASTIC_JOB, stopped)
     print(
         f"(replicas, first step, last step): {history}; largest relative loss difference "
-        f"{max(differences):.1e}"
+        f"{worst:.1e}"
     )
-    for step in range(1, stopped + 1):
-        np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
     assert os.path.exists(workdir / "checkpoints" / f"ckpt-{stopped}.index")
 
 
@@ -296,36 +314,24 @@ def test_an_elastic_job_reshards_a_proxy_loss_s_centres(tmp_path):
     """ArcFace with Partial FC: 1 worker, a second joins (it receives the whole centres
     and takes its half), then dies (the survivor takes them all back from the commit).
     The loss curve is one device's."""
-    hosts, discover = discovery_script(tmp_path, "localhost:1\n")
-    workdir = tmp_path / "elastic"
     params = (*ELASTIC_JOB, *PROXY_LOSS)
-    job = start_job(
-        workdir, params, elastic_launcher(discover), HOROVODRUN_ARGS="--network-interface lo"
-    )
+    hosts, workdir, job = start_elastic(tmp_path, "localhost:1\n", params)
     with killing_all_at_exit(job) as tree:
         trains_on(job, workdir, 1, 3)
         hosts.write_text("localhost:1\n127.0.0.1:1\n")
         trains_on(job, workdir, 2, 6)  # past the commit of the 5th (see above)
         workers_on(tree, "127.0.0.1")[0].kill()
         trains_on(job, workdir, 1, 5)
-        job.send_signal(signal.SIGTERM)
-        stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
+        _, _, stopped = stopped_by_sigterm(job)
     history = phases(replicas_by_step(workdir))
     assert [count for count, _, _ in history] == [1, 2, 1], history
-    got = scalars(workdir, "train/loss")
-    assert sorted(got) == list(range(1, stopped + 1))
     # Against one uninterrupted device the curve agrees only up to float rounding, which
     # Adam and ArcFace's scale amplify with every step (6e-4 relative by step 84 of a run
     # whose second worker joined late, at step 71). Replayed stretch by stretch, the
     # 2-worker stretch resumes the 1-worker checkpoint and reshards the centres as the
     # elastic job did in memory: every step must then agree.
-    want = replayed_by_stretches(tmp_path / "reference", history, params)
-    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in got)
+    worst = assert_losses_equal_replay(tmp_path, workdir, history, params, stopped)
     print(f"{history}: largest relative loss difference from the replay {worst:.1e}")
-    for step in range(1, stopped + 1):
-        np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f"step {step}")
 
 
 def test_an_elastic_job_drops_a_worker_that_stops_answering(tmp_path):
@@ -334,11 +340,7 @@ def test_an_elastic_job_drops_a_worker_that_stops_answering(tmp_path):
     the other's collective; that worker, on the same host, finds it silent in the
     heartbeats and ends it; the job re-forms without it and goes on, exactly as the same
     history of replica counts without elastic Horovod."""
-    _, discover = discovery_script(tmp_path, "localhost:1\n127.0.0.1:1\n")
-    workdir = tmp_path / "elastic"
-    job = start_job(
-        workdir, ELASTIC_JOB, elastic_launcher(discover), HOROVODRUN_ARGS="--network-interface lo"
-    )
+    _, workdir, job = start_elastic(tmp_path, "localhost:1\n127.0.0.1:1\n")
     with killing_all_at_exit(job) as tree:
         # Past the commit of step 5 on two workers: the stop then sends the job back to
         # a commit made by two (before it, all would be retrained by one).
@@ -350,20 +352,13 @@ def test_an_elastic_job_drops_a_worker_that_stops_answering(tmp_path):
         wait_for(lambda: steps_with(workdir, 1, after=last_with_two) >= 1, job, interval=0.5)
         print(f"training went on {time.time() - stopped_at:.1f} s after a worker was stopped")
         trains_on(job, workdir, 1, 3)
-        job.send_signal(signal.SIGTERM)
-        stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == 0, stdout[-3000:] + stderr[-5000:]
+        _, stderr, stopped = stopped_by_sigterm(job)
     assert (
         f"warning: elastic: worker {silent.pid} on host {socket.gethostname()} did not answer "
         "(silent for "
     ) in stderr, stderr[-3000:]
-    stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split()[0])
     by_step = replicas_by_step(workdir)
     assert sorted(by_step) == list(range(1, stopped + 1))
     history = phases(by_step)
     assert [count for count, _, _ in history] == [2, 1], history
-    expected = replayed_by_stretches(tmp_path / "reference", history, ELASTIC_JOB)
-    got = scalars(workdir, "train/loss")
-    assert sorted(got) == sorted(expected)
-    for step in got:
-        np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
+    assert_losses_equal_replay(tmp_path, workdir, history, ELASTIC_JOB, stopped)

@@ -123,20 +123,18 @@ def run(attempt, state: TrainingState, workdir: str, timeout_seconds: float):
     return run_fn(attempt_with_horovod_errors, reset)(state)
 
 
-def drop_silent_workers(workdir: str, timeout_seconds: float) -> list[int]:
+def drop_silent_workers(workdir: str, timeout_seconds: float) -> None:
     """After a collective failed: ends the workers of this host that stopped answering
     (their heartbeats silent; see trainer/backends/heartbeat.py), so that the driver sees
     them exit and re-forms the job without them, as after a death. A worker alive but
-    silent would otherwise hold the next rendezvous for ever. Returns their pids.
+    silent would otherwise hold the next rendezvous for ever.
     (Only this host's: a silent worker alone on its node is not reached from here.)"""
-    dropped = []
     for record in heartbeat.silent_here(workdir, timeout_seconds):
         silent = time.time() - record["time"]
         try:
             os.kill(record["pid"], signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             continue
-        dropped.append(record["pid"])
         print(
             f"warning: elastic: worker {record['pid']} on host {record['host']} did not "
             f"answer (silent for {silent:.0f} s at step {record['step']}): ended, so that "
@@ -144,4 +142,3 @@ def drop_silent_workers(workdir: str, timeout_seconds: float) -> list[int]:
             file=sys.stderr,
             flush=True,
         )
-    return dropped

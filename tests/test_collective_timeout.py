@@ -245,34 +245,3 @@ def test_the_watchdog_acts_on_a_wait_in_tensorflow_not_on_a_hang_of_its_own(tmp_
         assert len(stalls) == 1
     finally:
         own.stop()
-
-
-def test_an_elastic_worker_of_this_host_alive_but_silent_is_found(tmp_path):
-    """Elastic heartbeats are named by process. Found: this host's, alive, silent for
-    three intervals (30 s timeout: a heartbeat every 3 s). Not: a recent one, another
-    host's, a process that is gone, this process itself, a pid now used by another
-    process (its start time differs)."""
-    folder = tmp_path / heartbeat.FOLDER
-    folder.mkdir()
-    here = socket.gethostname()
-    with subprocess.Popen(["sleep", "60"]) as alive, subprocess.Popen(["true"]) as gone:
-        gone.wait()
-        started = heartbeat.start_time(alive.pid)
-        assert started is not None
-        records = {
-            "silent": {"host": here, "pid": alive.pid, "started": started, "time": 1000.0},
-            "recent": {"host": here, "pid": alive.pid, "started": started, "time": 1095.0},
-            "elsewhere": {"host": "node-b", "pid": alive.pid, "started": started, "time": 1e3},
-            "gone": {"host": here, "pid": gone.pid, "time": 1000.0},
-            "me": {"host": here, "pid": os.getpid(), "time": 1000.0},
-            "reused": {"host": here, "pid": alive.pid, "started": started - 1, "time": 1e3},
-        }
-        for name, record in records.items():
-            record.update(rank=0, step=7)
-            (folder / f"elastic-{name}.json").write_text(json.dumps(record))
-        (folder / "worker-0.json").write_text(json.dumps(records["silent"]))  # not elastic
-        try:
-            found = heartbeat.silent_here(str(tmp_path), 30, now=1100.0)
-        finally:
-            alive.kill()
-    assert found == [records["silent"]]

@@ -337,9 +337,10 @@ def test_an_elastic_job_reshards_a_proxy_loss_s_centres(tmp_path):
 def test_an_elastic_job_drops_a_worker_that_stops_answering(tmp_path):
     """A worker stopped for good (SIGSTOP) never answers, though its process lives, so
     the driver would wait for it at the next rendezvous for ever. Gloo's timeout fails
-    the other's collective; that worker, on the same host, finds it silent in the
-    heartbeats and ends it; the job re-forms without it and goes on, exactly as the same
-    history of replica counts without elastic Horovod."""
+    the other's collective, which marks it in the heartbeat folder; the stopped worker's
+    guard (its parent on its own "host", 127.0.0.1) sees the mark while the worker is
+    silent and ends it. Nothing on the other host ends it. The job re-forms without it
+    and goes on, exactly as the same history of replica counts without elastic Horovod."""
     _, workdir, job = start_elastic(tmp_path, "localhost:1\n127.0.0.1:1\n")
     with killing_all_at_exit(job) as tree:
         # Past the commit of step 5 on two workers: the stop then sends the job back to
@@ -357,6 +358,7 @@ def test_an_elastic_job_drops_a_worker_that_stops_answering(tmp_path):
         f"warning: elastic: worker {silent.pid} on host {socket.gethostname()} did not answer "
         "(silent for "
     ) in stderr, stderr[-3000:]
+    assert "ended by its guard" in stderr
     by_step = replicas_by_step(workdir)
     assert sorted(by_step) == list(range(1, stopped + 1))
     history = phases(by_step)

@@ -444,7 +444,7 @@ def _run_elastic(job: _Job, stop: StopRequest, commit_every: int) -> dict:
         )
         return _run(job, stop, state.step, after_step=commit)
 
-    return elastic.run(attempt, state, job.outputs.workdir, job.replicas.timeout_seconds)
+    return elastic.run(attempt, state, job.outputs.workdir)
 
 
 def _refresh_batchnorm(job: _Job, step: int) -> float | None:

@@ -18,6 +18,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from trainer.backends import elastic_guard  # noqa: E402  (no TensorFlow)
+
+if __name__ == "__main__" and elastic_guard.wanted():
+    # An elastic worker runs under a guard that ends it if it stops answering; the
+    # guard is this process, replaced before TensorFlow is loaded into it.
+    elastic_guard.become_guard("trainer.main")
+
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -87,9 +94,10 @@ def run(argv) -> int:
     workdir = os.path.abspath(FLAGS.workdir or agreed_default_workdir(replicas))
     JOB.update(workdir=workdir, replicas=replicas)
     if replicas.elastic:  # named by process (ranks change); a silent one is dropped
-        heartbeat.start(
+        beat = heartbeat.start(
             workdir, replicas.rank, replicas.timeout_seconds, name=heartbeat.elastic_name()
         )
+        elastic_guard.tell_guard(beat.path, beat.silent_after)
     elif replicas.processes > 1:
         heartbeat.start(
             workdir,

@@ -15,10 +15,6 @@ Imported only by elastic jobs.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import sys
-import time
 
 import horovod.tensorflow as hvd
 import numpy as np
@@ -108,7 +104,7 @@ def _peer_failures_as_horovod_errors():
         raise HorovodInternalError(error) from error
 
 
-def run(attempt, state: TrainingState, workdir: str, timeout_seconds: float):
+def run(attempt, state: TrainingState, workdir: str):
     """`attempt(state)` until it returns, re-forming the workers after each change."""
 
     def attempt_with_horovod_errors(state):
@@ -116,29 +112,10 @@ def run(attempt, state: TrainingState, workdir: str, timeout_seconds: float):
             return attempt(state)
 
     def reset() -> None:
-        drop_silent_workers(workdir, timeout_seconds)
+        # A worker silent since then is ended by its guard (elastic_guard.py), so the
+        # rendezvous does not wait for it.
+        heartbeat.mark_reset(workdir)
         hvd.shutdown()
         hvd.init()
 
     return run_fn(attempt_with_horovod_errors, reset)(state)
-
-
-def drop_silent_workers(workdir: str, timeout_seconds: float) -> None:
-    """After a collective failed: ends the workers of this host that stopped answering
-    (their heartbeats silent; see trainer/backends/heartbeat.py), so that the driver sees
-    them exit and re-forms the job without them, as after a death. A worker alive but
-    silent would otherwise hold the next rendezvous for ever.
-    (Only this host's: a silent worker alone on its node is not reached from here.)"""
-    for record in heartbeat.silent_here(workdir, timeout_seconds):
-        silent = time.time() - record["time"]
-        try:
-            os.kill(record["pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            continue
-        print(
-            f"warning: elastic: worker {record['pid']} on host {record['host']} did not "
-            f"answer (silent for {silent:.0f} s at step {record['step']}): ended, so that "
-            "the job goes on without it, as after a failure",
-            file=sys.stderr,
-            flush=True,
-        )

@@ -38,6 +38,12 @@ def interval_for(timeout_seconds: float) -> float:
     return min(15.0, max(1.0, timeout_seconds / 10))
 
 
+def silent_after(timeout_seconds: float) -> float:
+    """Seconds without a heartbeat after which a worker is taken to have stopped: three
+    intervals."""
+    return 3 * interval_for(timeout_seconds)
+
+
 def stall_after(timeout_seconds: float) -> float:
     """Seconds without progress before the watchdog acts: the timeout and a tenth more
     (5 to 60 s), so that a backend's own timeout, which says more, fires first."""
@@ -53,7 +59,9 @@ class Heartbeat:
         self.folder = os.path.join(workdir, FOLDER)
         self.rank = rank
         self.name = name or f"worker-{rank}"  # the file's name, without .json
+        self.path = os.path.join(self.folder, f"{self.name}.json")
         self.interval = interval_for(timeout_seconds)
+        self.silent_after = silent_after(timeout_seconds)
         self.stall_after = stall_after(timeout_seconds)
         self.on_stall = on_stall
         self.progress_at: float | None = None  # monotonic time of the last progress; None: off
@@ -96,20 +104,22 @@ class Heartbeat:
         )
 
     def _write(self) -> None:
-        path = os.path.join(self.folder, f"{self.name}.json")
         record = {
             "rank": self.rank,
-            "host": socket.gethostname(),
+            "host": host(),
             "pid": os.getpid(),
-            "started": start_time(os.getpid()),  # tells this process from a later one
             "step": self.step,
             "time": time.time(),
             "doing": main_thread_doing(),
         }
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w") as file:
-            json.dump(record, file)
-        os.replace(temporary, path)  # never read half-written
+        _write_atomically(self.path, record)
+
+
+def _write_atomically(path: str, record: dict) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as file:
+        json.dump(record, file)
+    os.replace(temporary, path)  # never read half-written
 
 
 _CURRENT: list[Heartbeat] = []  # this process's heartbeat, once the job has started one
@@ -121,29 +131,37 @@ def start(workdir: str, rank: int, timeout_seconds: float, on_stall=None, name=N
     return _CURRENT[0]
 
 
+def host() -> str:
+    return socket.gethostname()
+
+
 def elastic_name() -> str:
     """An elastic worker's heartbeat file name: by host and process, since its rank
     changes whenever the workers do."""
-    return f"elastic-{socket.gethostname()}-{os.getpid()}"
+    return f"elastic-{host()}-{os.getpid()}"
 
 
-def silent_here(workdir: str, timeout_seconds: float, now: float | None = None) -> list[dict]:
-    """The elastic workers of this host, other than this process, still running but
-    silent for three heartbeat intervals (stopped, or swapped out): the ones that did
-    not answer a collective, which Horovod's elastic driver would wait for at the next
-    rendezvous for ever, since their processes live."""
-    now = time.time() if now is None else now
-    silent_after = 3 * interval_for(timeout_seconds)
-    host = socket.gethostname()
-    return [
-        record
-        for record in _records(workdir, "elastic-*.json")
-        if record.get("host") == host
-        and record.get("pid") != os.getpid()
-        and now - record.get("time", now) > silent_after
-        and _alive(record["pid"])
-        and record.get("started") == start_time(record["pid"])  # not a reused pid
-    ]
+def mark_reset(workdir: str) -> None:
+    """Marks, in the shared heartbeat folder, that this elastic worker's collective
+    failed and it is going to the rendezvous: the guard of a silent worker, on any node,
+    then ends it (trainer/backends/elastic_guard.py)."""
+    folder = os.path.join(workdir, FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    _write_atomically(
+        os.path.join(folder, f"reset-{host()}-{os.getpid()}.json"),
+        {"host": host(), "pid": os.getpid(), "time": time.time()},
+    )
+
+
+def reset_marks(folder: str) -> list[tuple[str, float, tuple[str, int]]]:
+    """The marks of `mark_reset` in a heartbeat folder: (file, its time, (host, pid) of
+    the worker that left it). A worker's next mark replaces its file with a new time."""
+    marks = []
+    for path in glob.glob(os.path.join(folder, "reset-*.json")):
+        record = read_record(path)
+        if record is not None:
+            marks.append((path, record.get("time"), (record.get("host"), record.get("pid"))))
+    return marks
 
 
 def stop() -> None:
@@ -186,16 +204,18 @@ def read(workdir: str, workers: int) -> list[dict]:
 
 def _records(workdir: str, pattern: str) -> list[dict]:
     """The heartbeat records of the files matching `pattern` (unreadable ones skipped)."""
-    records = []
-    for path in glob.glob(os.path.join(workdir, FOLDER, pattern)):
-        try:
-            with open(path) as file:
-                record = json.load(file)
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    records = [read_record(path) for path in glob.glob(os.path.join(workdir, FOLDER, pattern))]
+    return [record for record in records if record is not None]
+
+
+def read_record(path: str) -> dict | None:
+    """A heartbeat file's record, or None if it is missing or unreadable."""
+    try:
+        with open(path) as file:
+            record = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def unanswering(
@@ -209,9 +229,9 @@ def unanswering(
     main thread was doing (the one stuck outside the collective shows it).
     """
     now = time.time() if now is None else now
-    silent_after = 3 * interval_for(timeout_seconds)
+    silent_for = silent_after(timeout_seconds)
     records = {record["rank"]: record for record in read(workdir, workers)}
-    host = socket.gethostname()
+    here = host()
     named = []
     for rank in range(workers):
         if rank == me:
@@ -221,9 +241,9 @@ def unanswering(
             named.append(f"rank {rank} (never started: no heartbeat)")
             continue
         where = f"rank {rank} on host {record['host']}"
-        if record["host"] == host and not _alive(record["pid"]):
+        if record["host"] == here and not _alive(record["pid"]):
             named.append(f"{where} (its process {record['pid']} is gone)")
-        elif now - record["time"] > silent_after:
+        elif now - record["time"] > silent_for:
             named.append(
                 f"{where} (silent for {now - record['time']:.0f} s; last heard at step "
                 f"{record['step']})"
@@ -299,16 +319,6 @@ def _place(frame) -> str:
     else:
         filename = os.path.basename(filename)
     return f"{filename}:{frame.f_lineno}"
-
-
-def start_time(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot, /proc/PID/stat's 22nd field),
-    or None where there is no /proc: with the pid, it names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return int(file.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _alive(pid: int) -> bool:

@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 import tensorflow as tf
 
@@ -334,33 +335,44 @@ def test_an_elastic_job_reshards_a_proxy_loss_s_centres(tmp_path):
     print(f"{history}: largest relative loss difference from the replay {worst:.1e}")
 
 
-def test_an_elastic_job_drops_a_worker_that_stops_answering(tmp_path):
-    """A worker stopped for good (SIGSTOP) never answers, though its process lives, so
-    the driver would wait for it at the next rendezvous for ever. Gloo's timeout fails
-    the other's collective, which marks it in the heartbeat folder; the stopped worker's
-    guard (its parent on its own "host", 127.0.0.1) sees the mark while the worker is
-    silent and ends it. Nothing on the other host ends it. The job re-forms without it
-    and goes on, exactly as the same history of replica counts without elastic Horovod."""
-    _, workdir, job = start_elastic(tmp_path, "localhost:1\n127.0.0.1:1\n")
+def test_an_elastic_job_waits_out_a_pause_and_drops_a_worker_that_stops_answering(tmp_path):
+    """At distribute.timeout_seconds=60, a worker is stopped (SIGSTOP) for 45 s, then for
+    good. Gloo's 30 s fails the other's collective either time, which marks it in the
+    heartbeat folder and goes to the rendezvous. The pause is waited out: the worker
+    continues, finds its collective failed, joins the rendezvous, and the job goes on
+    with both. Stopped for good, the worker's guard (its parent on its own "host",
+    127.0.0.1; nothing on the other host ends it) sees the mark, and ends it once silent
+    for 60 s; the job re-forms without it. Every loss equals the same history of replica
+    counts replayed without elastic Horovod."""
+    params = (*ELASTIC_JOB, "distribute.timeout_seconds=60")
+    _, workdir, job = start_elastic(tmp_path, "localhost:1\n127.0.0.1:1\n", params)
     with killing_all_at_exit(job) as tree:
-        # Past the commit of step 5 on two workers: the stop then sends the job back to
+        # Past the commit of step 5 on two workers: a stop then sends the job back to
         # a commit made by two (before it, all would be retrained by one).
         trains_on(job, workdir, 2, 7)
-        (silent,) = workers_on(tree, "127.0.0.1")
+        (paused,) = workers_on(tree, "127.0.0.1")
+        paused.send_signal(signal.SIGSTOP)
+        time.sleep(45)
+        paused.send_signal(signal.SIGCONT)
+        continued_at = time.time()
+        trains_on(job, workdir, 2, 3)
+        print(f"training went on with both {time.time() - continued_at:.1f} s after the pause")
+        assert paused.is_running() and paused.status() != psutil.STATUS_ZOMBIE
         last_with_two = max(replicas_by_step(workdir))
-        silent.send_signal(signal.SIGSTOP)
+        paused.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         wait_for(lambda: steps_with(workdir, 1, after=last_with_two) >= 1, job, interval=0.5)
         print(f"training went on {time.time() - stopped_at:.1f} s after a worker was stopped")
         trains_on(job, workdir, 1, 3)
         _, stderr, stopped = stopped_by_sigterm(job)
     assert (
-        f"warning: elastic: worker {silent.pid} on host {socket.gethostname()} did not answer "
+        f"warning: elastic: worker {paused.pid} on host {socket.gethostname()} did not answer "
         "(silent for "
     ) in stderr, stderr[-3000:]
     assert "ended by its guard" in stderr
+    assert stderr.count("did not answer") == 1  # not for the pause
     by_step = replicas_by_step(workdir)
     assert sorted(by_step) == list(range(1, stopped + 1))
     history = phases(by_step)
     assert [count for count, _, _ in history] == [2, 1], history
-    assert_losses_equal_replay(tmp_path, workdir, history, ELASTIC_JOB, stopped)
+    assert_losses_equal_replay(tmp_path, workdir, history, params, stopped)

@@ -97,7 +97,9 @@ def run(argv) -> int:
         beat = heartbeat.start(
             workdir, replicas.rank, replicas.timeout_seconds, name=heartbeat.elastic_name()
         )
-        elastic_guard.tell_guard(beat.path, beat.silent_after)
+        elastic_guard.tell_guard(
+            beat.path, max(beat.silent_after, replicas.wait_for_silent_seconds)
+        )
     elif replicas.processes > 1:
         heartbeat.start(
             workdir,

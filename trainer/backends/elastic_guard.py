@@ -9,9 +9,11 @@ elastic job becomes this guard, which runs the real worker as its child. The wor
 tells the guard (through a pipe) where its heartbeat file is; each worker whose
 collective failed leaves a mark in the shared heartbeat folder before the rendezvous
 (`heartbeat.mark_reset`). Once a mark appears while the worker's heartbeat is silent,
-and the silence lasts three heartbeat intervals, the guard ends the worker (SIGKILL) and
-exits as it would have died, with a warning naming it; the driver then goes on without
-it, as after a death. A pause that ends before that is survived. Signals to the guard
+and the silence lasts `distribute.timeout_seconds` (at least three heartbeat intervals),
+the guard ends the worker (SIGKILL) and exits as it would have died, with a warning
+naming it; the driver then goes on without it, as after a death. A pause that ends
+before that is survived: the worker finds its collective failed, goes to the rendezvous
+too, and the job goes on from its last commit with every worker. Signals to the guard
 (SIGTERM from a scheduler) go to the worker; the guard exits with the worker's status.
 
 No TensorFlow here: the guard should cost nothing while the worker runs.
@@ -55,7 +57,7 @@ def become_guard(module: str) -> None:
 
 def tell_guard(heartbeat_path: str, silent_after: float) -> None:
     """From the guarded worker, once its heartbeat runs: where the guard finds it and how
-    long a silence counts. The folder of the marks is the heartbeat's."""
+    long a silence is waited for. The folder of the marks is the heartbeat's."""
     descriptor = os.environ.get(GUARDED)
     if descriptor is None:
         return

@@ -393,11 +393,14 @@ class HorovodReplicas(Replicas):
         # horovodrun with a host-discovery script: ranks and size change during the job.
         self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
         if self.elastic:
-            # An elastic job keeps Gloo's 30 s: a worker whose host was removed can hold
-            # the others' collectives until it runs out, and with 600 s the job stalled
-            # for longer than that (test_elastic, killing a worker of a 2-slot host).
-            # There a timeout re-forms the job without the silent worker (elastic.py).
+            # An elastic job keeps Gloo's 30 s for its collectives: after a peer died, a
+            # worker whose partner in the ring already went to the rendezvous waits on it
+            # until Gloo gives up (with 600 s the job stalled 600 s: test_elastic, killing
+            # a worker of a 3-worker job). A silent worker is then waited for at the
+            # rendezvous for `timeout_seconds` before its guard ends it (elastic_guard.py),
+            # so a shorter pause is survived there: the job goes back to its last commit.
             self.timeout_seconds = collective_timeout.ELASTIC_SECONDS
+            self.wait_for_silent_seconds = timeout_seconds
         else:
             self.timeout_seconds = timeout_seconds
             collective_timeout.set_horovod_environment(timeout_seconds)

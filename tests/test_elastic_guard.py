@@ -136,3 +136,12 @@ def test_a_paused_worker_is_not_ended_nor_for_its_own_mark_and_signals_reach_it(
     assert status == 3, stderr
     assert "worker: SIGTERM" in stdout
     assert "warning" not in stderr
+
+
+def test_a_guard_killed_with_sigkill_takes_its_worker_with_it(tmp_path):
+    """As a worker killed outright did before it had a guard: none is left running."""
+    guard, worker = start_guarded(tmp_path, "time.sleep(120)\n")
+    guard.kill()
+    guard.wait(timeout=10)
+    worker.wait(timeout=10)  # psutil: raises TimeoutExpired if it lives on
+    assert not worker.is_running()

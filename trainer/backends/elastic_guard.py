@@ -21,6 +21,7 @@ No TensorFlow here: the guard should cost nothing while the worker runs.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ POLL_SECONDS = 1.0
 # the guard exits after that anyway, which is what the driver needs.
 REAP_SECONDS = 10.0
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def wanted() -> bool:
@@ -87,7 +89,10 @@ class Guard:
     def run(self) -> int:
         read_end, write_end = os.pipe()
         self.worker = subprocess.Popen(
-            self.command, env={**os.environ, GUARDED: str(write_end)}, pass_fds=(write_end,)
+            self.command,
+            env={**os.environ, GUARDED: str(write_end)},
+            pass_fds=(write_end,),
+            preexec_fn=_die_with_parent,  # the guard has no other thread yet
         )
         os.close(write_end)
         for forwarded in FORWARDED:
@@ -139,6 +144,17 @@ class Guard:
             return _status(self.worker.wait(timeout=REAP_SECONDS))
         except subprocess.TimeoutExpired:
             return 128 + signal.SIGKILL
+
+
+def _die_with_parent() -> None:
+    """In the worker, before it runs: SIGKILL when the guard dies (Linux's
+    PR_SET_PDEATHSIG), so that a guard killed with SIGKILL, as a worker used to be, leaves
+    no worker running on without it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker outlives a killed guard
+        pass
 
 
 def _status(returncode: int) -> int:

@@ -50,7 +50,7 @@ def start_guarded(tmp_path, then: str) -> tuple[subprocess.Popen, psutil.Process
             from trainer.backends import elastic_guard, heartbeat
             name = heartbeat.elastic_name()
             beat = heartbeat.start({str(tmp_path)!r}, 0, {TIMEOUT_SECONDS}, name=name)
-            elastic_guard.tell_guard(beat.path, beat.silent_after)
+            elastic_guard.tell_guard({str(tmp_path)!r}, beat.path, beat.silent_after)
             """
         )
         + textwrap.dedent(then)

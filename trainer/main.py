@@ -98,7 +98,7 @@ def run(argv) -> int:
             workdir, replicas.rank, replicas.timeout_seconds, name=heartbeat.elastic_name()
         )
         elastic_guard.tell_guard(
-            beat.path, max(beat.silent_after, replicas.wait_for_silent_seconds)
+            workdir, beat.path, max(beat.silent_after, replicas.wait_for_silent_seconds)
         )
     elif replicas.processes > 1:
         heartbeat.start(

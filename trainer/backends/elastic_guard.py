@@ -57,14 +57,16 @@ def become_guard(module: str) -> None:
     )
 
 
-def tell_guard(heartbeat_path: str, silent_after: float) -> None:
-    """From the guarded worker, once its heartbeat runs: where the guard finds it and how
-    long a silence is waited for. The folder of the marks is the heartbeat's."""
+def tell_guard(workdir: str, heartbeat_path: str, silent_after: float) -> None:
+    """From the guarded worker, once its heartbeat runs: the workdir (whose heartbeat
+    folder holds the marks), where the guard finds the worker's heartbeat, and how long
+    a silence is waited for."""
     descriptor = os.environ.get(GUARDED)
     if descriptor is None:
         return
+    told = {"workdir": workdir, "heartbeat": heartbeat_path, "silent_after": silent_after}
     with os.fdopen(int(descriptor), "w") as pipe:
-        pipe.write(json.dumps({"heartbeat": heartbeat_path, "silent_after": silent_after}))
+        pipe.write(json.dumps(told))
 
 
 def abandoned(
@@ -80,11 +82,10 @@ class Guard:
     def __init__(self, command: list[str]):
         self.command = command
         self.told: dict | None = None  # what the worker said through the pipe
-        # (mark file, its time) -> when this guard first saw it (this host's clock: the
-        # marks come from other nodes, whose clocks may differ)
-        self.marks_seen: dict[tuple[str, float], float] = {}
+        # (host, pid, time) of a mark -> when this guard first saw it (this host's clock:
+        # the marks come from other nodes, whose clocks may differ)
+        self.marks_seen: dict[tuple[str, int, float], float] = {}
         self.worker: subprocess.Popen | None = None
-        self.record: dict | None = None  # the worker's last heartbeat read
 
     def run(self) -> int:
         read_end, write_end = os.pipe()
@@ -103,38 +104,41 @@ class Guard:
                 return _status(self.worker.wait(timeout=POLL_SECONDS))
             except subprocess.TimeoutExpired:
                 pass
-            if self.told is not None and self._silent_while_others_reform():
-                return self._end_worker()
+            last_heartbeat = self._abandoned_worker_s_heartbeat()
+            if last_heartbeat is not None:
+                return self._end_worker(last_heartbeat)
 
     def _listen(self, read_end: int) -> None:
         with os.fdopen(read_end) as pipe:
             said = pipe.read()  # until the worker closes its end (or exits)
         if said:
             told = json.loads(said)
-            folder = os.path.dirname(told["heartbeat"])
             # Marks left before this worker began are of other resets.
-            self.marks_seen = {mark[:2]: float("-inf") for mark in heartbeat.reset_marks(folder)}
+            self.marks_seen = dict.fromkeys(heartbeat.reset_marks(told["workdir"]), float("-inf"))
             self.told = told
 
-    def _silent_while_others_reform(self) -> bool:
+    def _abandoned_worker_s_heartbeat(self) -> dict | None:
+        """The worker's last heartbeat if it is to be ended (see `abandoned`), else None."""
+        if self.told is None:
+            return None
         now = time.time()
-        mine = (heartbeat.host(), self.worker.pid)
-        for path, marked_at, by in heartbeat.reset_marks(os.path.dirname(self.told["heartbeat"])):
-            if by != mine:
-                self.marks_seen.setdefault((path, marked_at), now)
-        self.record = heartbeat.read_record(self.told["heartbeat"])
-        if self.record is None:
-            return False
-        return abandoned(
-            self.record["time"], list(self.marks_seen.values()), self.told["silent_after"], now
-        )
+        for mark in heartbeat.reset_marks(self.told["workdir"]):
+            if mark[:2] != (heartbeat.host(), self.worker.pid):  # not its own
+                self.marks_seen.setdefault(mark, now)
+        seen_at = [seen for seen in self.marks_seen.values() if seen > float("-inf")]
+        if not seen_at:  # no reset since it began: its heartbeat need not be read
+            return None
+        record = heartbeat.read_record(self.told["heartbeat"])
+        if record is None or not abandoned(record["time"], seen_at, self.told["silent_after"], now):
+            return None
+        return record
 
-    def _end_worker(self) -> int:
-        silent = time.time() - self.record["time"]
+    def _end_worker(self, record: dict) -> int:
+        silent = time.time() - record["time"]
         self.worker.kill()
         print(
             f"warning: elastic: worker {self.worker.pid} on host {heartbeat.host()} did not "
-            f"answer (silent for {silent:.0f} s at step {self.record['step']}) while the "
+            f"answer (silent for {silent:.0f} s at step {record['step']}) while the "
             "others re-formed the job: ended by its guard, so that the job goes on without "
             "it, as after a failure",
             file=sys.stderr,

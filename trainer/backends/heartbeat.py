@@ -153,15 +153,12 @@ def mark_reset(workdir: str) -> None:
     )
 
 
-def reset_marks(folder: str) -> list[tuple[str, float, tuple[str, int]]]:
-    """The marks of `mark_reset` in a heartbeat folder: (file, its time, (host, pid) of
-    the worker that left it). A worker's next mark replaces its file with a new time."""
-    marks = []
-    for path in glob.glob(os.path.join(folder, "reset-*.json")):
-        record = read_record(path)
-        if record is not None:
-            marks.append((path, record.get("time"), (record.get("host"), record.get("pid"))))
-    return marks
+def reset_marks(workdir: str) -> list[tuple[str, int, float]]:
+    """The marks of `mark_reset`: (host, pid, time) of each worker's latest one."""
+    return [
+        (mark.get("host"), mark.get("pid"), mark.get("time"))
+        for mark in _records(workdir, "reset-*.json")
+    ]
 
 
 def stop() -> None:
